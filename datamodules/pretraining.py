@@ -1,0 +1,398 @@
+"""Pre-training data: a corpus -> a trained tokenizer -> packed, cached train/validation splits.
+
+The pipeline (PAPER.md 5.1, DESIGN.md "Data"):
+
+1. documents from the embedded default, local files or the hub (``corpora.load_documents``);
+2. a document-level split with a fixed seed: ``validation_fraction`` of the documents are held out,
+   so the tokenizer (trained next) never sees validation text;
+3. a tokenizer trained on the training documents and saved as a ``transformers`` fast tokenizer;
+4. documents tokenized, joined with the separator and packed into ``seq_len`` sequences;
+5. training sequences shuffled once with ``split_seed`` and numbered: ``example_id`` is the index
+   into the packed training split (the training loader then reads them in that order, like the paper's
+   offline-shuffled, sequential loader); the validation split is capped at ``max_validation_sequences``.
+
+The result lives in ``<cache_dir>/packed/<key>/`` where the key hashes everything that changes it.
+A second run with the same settings loads it and skips tokenization. All of this happens in
+``prepare_data`` (once per node); ``setup`` only loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from datamodules.collators import MLMCollator
+from datamodules.corpora import EMBEDDED_CORPORA, SOURCES, default_cache_dir, load_documents, remove_tree
+from datamodules.packing import BERT_SPECIAL_TOKENS, pack_batch, tokenize_batch, train_wordpiece_tokenizer
+from lightning_modules.errors import UserError
+
+__all__ = ["PretrainingDataModule", "MLMDataModule"]
+
+CACHE_FORMAT = 1
+PACK_BATCH_DOCUMENTS = 1000
+
+
+class PretrainingDataModule(L.LightningDataModule):
+    """Shared pipeline of the pre-training datamodules; subclasses choose tokenizer and collator.
+
+    Args:
+        source: ``news`` (embedded default), ``news-tiny`` (100 articles, for tests), ``files`` or ``hub``.
+        data_files: with ``source=files``: a path, glob or list of them (txt, jsonl, csv, parquet; .gz ok).
+        text_column: the column that holds the text (json/csv/parquet files and hub datasets).
+        text_sample_by: with text files: one document per ``line``, ``paragraph`` or whole ``document``.
+        hub_name: with ``source=hub``: a dataset name such as ``allenai/c4``.
+        hub_config: the hub dataset's configuration, e.g. ``en``.
+        hub_split: the hub split to read.
+        hub_data_files: optional file pattern(s) inside the hub dataset (to read a subset of shards).
+        max_documents: keep only the first N documents of the source.
+        vocab_size: vocabulary size of the trained tokenizer (the model's embedding size).
+        seq_len: tokens per packed sequence.
+        batch_size: sequences per training micro-batch (per device).
+        eval_batch_size: sequences per validation batch; defaults to ``batch_size``.
+        validation_fraction: fraction of documents held out for validation.
+        max_validation_sequences: cap on the packed validation split (paper: 10,000).
+        split_seed: seed of the document split and of the one-time shuffle of training sequences.
+        num_workers: DataLoader worker processes.
+        num_proc: processes for tokenization (``Dataset.map``); ``None`` = in-process.
+        cache_dir: where corpora, tokenizers and packed data are cached; default ``$NTNG_CACHE_DIR``
+            or ``~/.cache/ntng``.
+    """
+
+    objective = "base"
+
+    def __init__(
+        self,
+        source: str = "news",
+        data_files: str | list[str] | None = None,
+        text_column: str = "text",
+        text_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+        hub_name: str | None = None,
+        hub_config: str | None = None,
+        hub_split: str = "train",
+        hub_data_files: str | list[str] | None = None,
+        max_documents: int | None = None,
+        vocab_size: int = 32768,
+        seq_len: int = 128,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        validation_fraction: float = 0.005,
+        max_validation_sequences: int = 10000,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
+        if seq_len <= 0:
+            raise UserError(f"data.seq_len={seq_len} must be a positive number of tokens, e.g. 128")
+        if vocab_size < 100:
+            raise UserError(f"data.vocab_size={vocab_size} is too small for a tokenizer: use at least 100")
+        if batch_size <= 0:
+            raise UserError(f"data.batch_size={batch_size} must be positive")
+        if not 0.0 < validation_fraction < 1.0:
+            raise UserError(f"data.validation_fraction={validation_fraction} must be in (0, 1), e.g. 0.005")
+        if max_validation_sequences <= 0:
+            raise UserError(f"data.max_validation_sequences={max_validation_sequences} must be positive")
+        self.save_hyperparameters()
+        self.source = source
+        self.data_files = data_files
+        self.text_column = text_column
+        self.text_sample_by = text_sample_by
+        self.hub_name, self.hub_config, self.hub_split = hub_name, hub_config, hub_split
+        self.hub_data_files = hub_data_files
+        self.max_documents = max_documents
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.validation_fraction = validation_fraction
+        self.max_validation_sequences = max_validation_sequences
+        self.split_seed = split_seed
+        self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.tokenizer = None
+        self.train_dataset = None
+        self.val_dataset = None
+        self.stats: dict[str, Any] = {}
+
+    # ----- what subclasses define -------------------------------------------------------------
+    @property
+    def raw_sequence_length(self) -> int:
+        """Tokens per packed sequence before the collator (T5 packs longer chunks than it feeds)."""
+        return self.seq_len
+
+    def train_tokenizer(self, documents):
+        raise NotImplementedError
+
+    def separator_id(self, tokenizer) -> int | None:
+        raise NotImplementedError
+
+    def tokenizer_settings(self) -> dict[str, Any]:
+        return {}
+
+    def make_collator(self, fixed: bool):
+        raise NotImplementedError
+
+    # ----- cache --------------------------------------------------------------------------------
+    def source_fingerprint(self) -> dict[str, Any]:
+        """Everything about the source that changes its documents, without reading them."""
+        if self.source in EMBEDDED_CORPORA:
+            return {"source": self.source, "wheel_sha256": EMBEDDED_CORPORA[self.source].wheel_sha256, "clean": 1}
+        if self.source == "files":
+            from datamodules.corpora import resolve_data_files
+
+            files = resolve_data_files(self.data_files)
+            stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+            return {"source": "files", "files": stats, "column": self.text_column, "by": self.text_sample_by}
+        return {
+            "source": "hub",
+            "name": self.hub_name,
+            "config": self.hub_config,
+            "split": self.hub_split,
+            "data_files": self.hub_data_files,
+            "column": self.text_column,
+        }
+
+    def cache_key(self) -> str:
+        settings = {
+            "format": CACHE_FORMAT,
+            "objective": self.objective,
+            "source": self.source_fingerprint(),
+            "max_documents": self.max_documents,
+            "vocab_size": self.vocab_size,
+            "raw_sequence_length": self.raw_sequence_length,
+            "validation_fraction": self.validation_fraction,
+            "max_validation_sequences": self.max_validation_sequences,
+            "split_seed": self.split_seed,
+            "pack_batch_documents": PACK_BATCH_DOCUMENTS,
+            "tokenizer": self.tokenizer_settings(),
+        }
+        blob = json.dumps(settings, sort_keys=True, default=str).encode()
+        return f"{self.objective}-{self.source}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir / "packed" / self.cache_key()
+
+    # ----- Lightning hooks ----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        path = self.cache_path
+        if (path / "meta.json").exists():
+            rank_zero_info(f"Reusing packed dataset cache {path} (tokenization skipped).")
+            self._check_sizes(json.loads((path / "meta.json").read_text()))
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            meta = self._build(staging)
+            self._check_sizes(meta)
+            try:
+                os.rename(staging, path)
+            except OSError:  # another process finished the same cache first
+                if not (path / "meta.json").exists():
+                    raise
+        finally:
+            remove_tree(staging)
+        rank_zero_info(f"Packed dataset cached at {path}.")
+
+    def _build(self, staging: Path) -> dict[str, Any]:
+        import datasets
+
+        documents, fingerprint = load_documents(
+            self.source,
+            cache_dir=self.cache_dir,
+            data_files=self.data_files,
+            text_column=self.text_column,
+            text_sample_by=self.text_sample_by,
+            hub_name=self.hub_name,
+            hub_config=self.hub_config,
+            hub_split=self.hub_split,
+            hub_data_files=self.hub_data_files,
+            max_documents=self.max_documents,
+        )
+        splits = self.split_documents(documents)
+        n_docs, n_val = len(documents), len(splits["validation"])
+
+        rank_zero_info(f"Training a tokenizer (vocabulary {self.vocab_size}) on {n_docs - n_val} documents ...")
+        tokenizer = self.train_tokenizer(splits["train"])
+        separator = self.separator_id(tokenizer)
+        packed: dict[str, Any] = {}
+        meta: dict[str, Any] = {"documents": {"train": n_docs - n_val, "validation": n_val}}
+        for name, split in splits.items():
+            tokens = split.map(
+                tokenize_batch,
+                batched=True,
+                fn_kwargs={"tokenizer": tokenizer, "add_special_tokens": self._add_special_tokens},
+                remove_columns=split.column_names,
+                num_proc=self.num_proc,
+                desc=f"Tokenizing {name}",
+            )
+            stream = int(np.sum(tokens["num_tokens"])) + (len(tokens) if separator is not None else 0)
+            chunks = tokens.map(
+                pack_batch,
+                batched=True,
+                batch_size=PACK_BATCH_DOCUMENTS,
+                fn_kwargs={"seq_len": self.raw_sequence_length, "separator_id": separator},
+                remove_columns=tokens.column_names,
+                num_proc=self.num_proc,
+                desc=f"Packing {name} into {self.raw_sequence_length}-token sequences",
+            )
+            if name == "train":
+                chunks = chunks.shuffle(seed=self.split_seed).flatten_indices()
+            else:
+                chunks = chunks.select(range(min(len(chunks), self.max_validation_sequences)))
+            ids = np.arange(len(chunks), dtype=np.int64)
+            chunks = chunks.add_column("example_id", ids.tolist())
+            packed[name] = chunks
+            meta[name] = {
+                "sequences": len(chunks),
+                "stream_tokens": stream,
+                "packed_tokens": len(chunks) * self.raw_sequence_length,
+            }
+        meta["train"]["dropped_remainder_tokens"] = meta["train"]["stream_tokens"] - meta["train"]["packed_tokens"]
+        meta.update(
+            sequence_length=self.raw_sequence_length,
+            tokenizer_vocab_size=len(tokenizer),
+            source=fingerprint,
+        )
+        datasets.DatasetDict(packed).save_to_disk(str(staging / "data"))
+        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        rank_zero_info(
+            f"Packed {meta['train']['sequences']} training and {meta['validation']['sequences']} validation "
+            f"sequences of {self.raw_sequence_length} tokens ({meta['train']['dropped_remainder_tokens']} "
+            "training tokens dropped as batch remainders)."
+        )
+        return meta
+
+    _add_special_tokens = False
+
+    def split_documents(self, documents) -> dict[str, Any]:
+        """Hold out ``validation_fraction`` of the documents (at least one), chosen with ``split_seed``."""
+        n_docs = len(documents)
+        if n_docs < 2:
+            raise UserError(
+                f"the corpus has {n_docs} document; at least 2 are needed (one to train on, one to validate): add text"
+            )
+        order = np.random.default_rng(self.split_seed).permutation(n_docs)
+        n_val = min(max(1, math.ceil(self.validation_fraction * n_docs)), n_docs - 1)
+        return {"train": documents.select(order[n_val:]), "validation": documents.select(order[:n_val])}
+
+    def _check_sizes(self, meta: dict[str, Any]) -> None:
+        n_train = meta["train"]["sequences"]
+        if n_train < self.batch_size:
+            raise UserError(
+                f"the corpus yields {n_train} training sequences of {self.raw_sequence_length} tokens, fewer than "
+                f"one batch of data.batch_size={self.batch_size}: add text, or lower data.batch_size or data.seq_len"
+            )
+        if meta["validation"]["sequences"] < 1:
+            raise UserError(
+                f"the validation documents yield no full {self.raw_sequence_length}-token sequence: "
+                "raise data.validation_fraction or add text"
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        import datasets
+        from transformers import AutoTokenizer
+
+        path = self.cache_path
+        if not (path / "meta.json").exists():
+            raise UserError(f"no packed dataset at {path}: call prepare_data() first (the Trainer does)")
+        self.stats = json.loads((path / "meta.json").read_text())
+        self._check_sizes(self.stats)
+        data = datasets.load_from_disk(str(path / "data"))
+        self.train_dataset = data["train"].with_format("numpy")
+        self.val_dataset = data["validation"].with_format("numpy")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,  # already shuffled once, offline, with split_seed (see module docstring)
+            drop_last=True,
+            collate_fn=self.make_collator(fixed=False),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.make_collator(fixed=True),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        return self.seq_len
+
+
+class MLMDataModule(PretrainingDataModule):
+    """Pre-training data for BERT masked language modelling (WordPiece tokenizer, MLM collator).
+
+    Args:
+        mlm_probability: fraction of non-special tokens selected for prediction (paper: 0.15).
+        mask_seed: seed of the fixed validation masks.
+        lowercase: lower-case and strip accents in the tokenizer (Cramming/NTNG do).
+        **kwargs: see ``PretrainingDataModule``.
+    """
+
+    objective = "mlm"
+
+    def __init__(
+        self,
+        *args: Any,
+        mlm_probability: float = 0.15,
+        mask_seed: int = 0,
+        lowercase: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 < mlm_probability < 1.0:
+            raise UserError(f"data.mlm_probability={mlm_probability} must be in (0, 1); the paper uses 0.15")
+        self.mlm_probability = mlm_probability
+        self.mask_seed = mask_seed
+        self.lowercase = lowercase
+        super().__init__(*args, **kwargs)
+
+    def tokenizer_settings(self) -> dict[str, Any]:
+        return {"kind": "wordpiece", "lowercase": self.lowercase, "special": list(BERT_SPECIAL_TOKENS)}
+
+    def train_tokenizer(self, documents):
+        return train_wordpiece_tokenizer(documents, self.vocab_size, lowercase=self.lowercase)
+
+    def separator_id(self, tokenizer) -> int:
+        return tokenizer.sep_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return BERT_SPECIAL_TOKENS.index("[PAD]")
+
+    def make_collator(self, fixed: bool) -> MLMCollator:
+        return MLMCollator(
+            mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer),
+            special_token_ids=tuple(self.tokenizer.all_special_ids),
+            num_special_tokens=len(BERT_SPECIAL_TOKENS),
+            mlm_probability=self.mlm_probability,
+            fixed_masks=fixed,
+            seed=self.mask_seed,
+        )

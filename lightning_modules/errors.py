@@ -1,0 +1,11 @@
+"""The one exception type that means "the user's input is wrong", not "the code is wrong".
+
+``train.py`` catches it and prints its message as one line (``error: ...``) with exit status 2,
+instead of a traceback. Raise it with a message that names the problem and the fix.
+"""
+
+__all__ = ["UserError"]
+
+
+class UserError(ValueError):
+    """A configuration or input problem the user can fix; the message says how."""

@@ -1,0 +1,74 @@
+"""Bad input stops before training with one line naming the problem and the fix, and exit status 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+import train
+from conftest import ROOT
+from test_fit import tiny_fit_args
+
+
+def _run(args, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return stopped.value.code, err
+
+
+def _assert_clean_cache(cache):
+    packed = cache / "packed"
+    assert not packed.exists() or not any(packed.iterdir()), list(packed.iterdir())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--data.seq_len", "0"], "data.seq_len=0 must be a positive number of tokens"),
+        (["--data.vocab_size", "0"], "data.vocab_size=0 is too small"),
+        (["--data.source", "wikipedia"], "unknown data.source 'wikipedia': use one of news, news-tiny, files, hub"),
+        (["--data.data_files", "/nonexistent/corpus-*.txt"], "no file matches data.data_files='/nonexistent/corpus-*.txt'"),
+    ],
+)
+def test_bad_settings(override, message, corpus_file, tmp_path, capsys, private_cache):
+    code, err = _run(tiny_fit_args(corpus_file, tmp_path, *override), capsys)
+    assert code == 2
+    assert err[-1].startswith(f"error: {message}"), err
+    _assert_clean_cache(private_cache)
+
+
+def test_empty_corpus(tmp_path, capsys, private_cache):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, err = _run(tiny_fit_args(empty, tmp_path), capsys)
+    assert code == 2 and "is empty" in err[-1] and err[-1].startswith("error: ")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n")
+    code, err = _run(tiny_fit_args(blank, tmp_path), capsys)
+    assert code == 2 and "has no text" in err[-1]
+    _assert_clean_cache(private_cache)
+
+
+def test_corpus_smaller_than_one_batch(tmp_path, capsys, private_cache):
+    small = tmp_path / "small.txt"
+    small.write_text("the cat sees the house in the morning.\n\n" * 30)
+    code, err = _run(tiny_fit_args(small, tmp_path), capsys)
+    assert code == 2
+    assert "fewer than one batch of data.batch_size=16" in err[-1] and "lower data.batch_size" in err[-1]
+    _assert_clean_cache(private_cache)
+    assert not (tmp_path / "bert-demo").exists()  # nothing trained, nothing logged
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path, private_cache):
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_fit_args(tmp_path / "missing.txt", tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no file matches data.data_files='{tmp_path / 'missing.txt'}': check the path (globs are allowed)"
+    )
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,85 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import tiny_mlm_data_args
+from datamodules import MLMDataModule
+from datamodules.corpora import load_documents
+from datamodules.packing import pack_token_stream
+from datamodules.pretraining import PACK_BATCH_DOCUMENTS
+
+
+def test_pack_token_stream_loses_only_the_declared_remainder():
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(10, 50, size=rng.integers(1, 40)).tolist() for _ in range(100)]
+    chunks, remainder = pack_token_stream(documents, seq_len=16, separator_id=3)
+    stream = [t for doc in documents for t in [*doc, 3]]
+    assert remainder == len(stream) % 16
+    assert all(len(c) == 16 for c in chunks)
+    assert [t for c in chunks for t in c] == stream[: len(stream) - remainder]
+
+
+def test_pack_token_stream_without_separator_and_bad_length():
+    chunks, remainder = pack_token_stream([[1, 2, 3], [4, 5]], seq_len=2, separator_id=None)
+    assert chunks == [[1, 2], [3, 4]] and remainder == 1
+    with pytest.raises(ValueError):
+        pack_token_stream([[1]], seq_len=0, separator_id=None)
+
+
+def _built(corpus, cache_dir, **kw):
+    dm = MLMDataModule(**tiny_mlm_data_args(corpus, cache_dir=str(cache_dir), **kw))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_packed_training_split_is_the_token_stream_cut_into_sequences(corpus_file, tmp_path):
+    dm = _built(corpus_file, tmp_path)
+    documents, _ = load_documents("files", cache_dir=tmp_path, data_files=str(corpus_file))
+    train_docs = dm.split_documents(documents)["train"]
+    encoded = dm.tokenizer(list(train_docs["text"]), add_special_tokens=False)["input_ids"]
+    expected, dropped = [], 0
+    for start in range(0, len(encoded), PACK_BATCH_DOCUMENTS):
+        chunks, remainder = pack_token_stream(encoded[start : start + PACK_BATCH_DOCUMENTS], 32, dm.tokenizer.sep_token_id)
+        expected += chunks
+        dropped += remainder
+    packed = [tuple(row) for row in dm.train_dataset[:]["input_ids"].tolist()]
+    # the same multiset of sequences: no token lost or duplicated except the declared remainder
+    assert Counter(packed) == Counter(tuple(c) for c in expected)
+    meta = dm.stats["train"]
+    assert meta["dropped_remainder_tokens"] == dropped < 32 * (len(encoded) // PACK_BATCH_DOCUMENTS + 1)
+    assert meta["packed_tokens"] + dropped == meta["stream_tokens"] == sum(len(e) + 1 for e in encoded)
+    assert meta["sequences"] == len(packed)
+    np.testing.assert_array_equal(dm.train_dataset[:]["example_id"], np.arange(len(packed)))
+    np.testing.assert_array_equal(dm.val_dataset[:]["example_id"], np.arange(len(dm.val_dataset)))
+
+
+def test_ids_and_sequences_are_stable_across_runs_and_the_cache_is_reused(corpus_file, tmp_path, monkeypatch):
+    first = _built(corpus_file, tmp_path / "a")
+    second = _built(corpus_file, tmp_path / "b")  # an independent rebuild
+    for split in ("train_dataset", "val_dataset"):
+        np.testing.assert_array_equal(getattr(first, split)[:]["input_ids"], getattr(second, split)[:]["input_ids"])
+        np.testing.assert_array_equal(getattr(first, split)[:]["example_id"], getattr(second, split)[:]["example_id"])
+
+    def no_rebuild(self, staging):
+        raise AssertionError("the second run must reuse the cache")
+
+    monkeypatch.setattr(MLMDataModule, "_build", no_rebuild)
+    third = _built(corpus_file, tmp_path / "a")
+    np.testing.assert_array_equal(first.train_dataset[:]["input_ids"], third.train_dataset[:]["input_ids"])
+    # a setting that changes the result changes the key
+    other = MLMDataModule(**tiny_mlm_data_args(corpus_file, cache_dir=str(tmp_path / "a"), seq_len=16))
+    assert other.cache_path != first.cache_path
+
+
+def test_tokenizer_is_saved_as_a_transformers_fast_tokenizer(corpus_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    dm = _built(corpus_file, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(dm.cache_path / "tokenizer")
+    assert loaded.is_fast
+    assert [loaded.pad_token_id, loaded.cls_token_id, loaded.sep_token_id, loaded.mask_token_id] == [0, 2, 3, 4]
+    ids = loaded("The cat sees the house.")["input_ids"]
+    assert ids[0] == 2 and ids[-1] == 3
+    assert loaded.decode(ids[1:-1]) == "the cat sees the house."
