@@ -1,4 +1,7 @@
-"""Entry point: ``python train.py {fit,validate,test} --config CFG`` through LightningCLI.
+"""Entry point: ``python train.py {fit,validate,test,plan,calibrate} --config CFG``.
+
+``fit``/``validate``/``test`` go through LightningCLI; ``plan`` and ``calibrate`` are this project's
+commands for the RST budget (``callbacks/rst_tools.py``).
 
 Every option of the model, the datamodule, the trainer and the callbacks is a typed ``__init__``
 argument, overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the
@@ -12,6 +15,9 @@ status 2, before any training.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
 import sys
 import warnings
@@ -36,8 +42,9 @@ class PretrainingCLI(LightningCLI):
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
         results = trainer.validate(model, datamodule=datamodule, verbose=False)
         val_loss = results[0].get("val/loss") if results else None
+        summary = run_summary(trainer, model, datamodule, val_loss)  # on every rank: log_dir is a collective
         if trainer.is_global_zero:
-            print(run_summary(trainer, model, datamodule, val_loss), flush=True)
+            print(summary, flush=True)
 
 
 def run_summary(trainer, model, datamodule, val_loss) -> str:
@@ -55,11 +62,81 @@ def run_summary(trainer, model, datamodule, val_loss) -> str:
     )
 
 
+def _configured(cli_args: list[str]):
+    """Instantiate trainer, model and datamodule from a config without running anything."""
+    with contextlib.redirect_stdout(sys.stderr):
+        cli = PretrainingCLI(auto_configure_optimizers=False, args=cli_args, run=False)
+    return cli.trainer, cli.model, cli.datamodule
+
+
+def _budget_callback(trainer):
+    from callbacks.rst import RSTBudget
+
+    return next((c for c in trainer.callbacks if isinstance(c, RSTBudget)), None)
+
+
+def plan_command(argv: list[str]) -> None:
+    """``train.py plan --config CFG [--table FILE] [--budget DURATION] [overrides]``: print the plan as JSON."""
+    from callbacks.rst import CostTable, parse_duration
+    from callbacks.rst_tools import plan_run
+
+    parser = argparse.ArgumentParser(prog="train.py plan", description=plan_command.__doc__)
+    parser.add_argument("--table", help="RST cost table (default: the config's RSTBudget table)")
+    parser.add_argument("--budget", help="RST budget, e.g. 90s, 30m, 24h (default: the config's RSTBudget)")
+    known, rest = parser.parse_known_args(argv)
+    trainer, model, datamodule = _configured(rest)
+    budget = _budget_callback(trainer)
+    if known.table:
+        table = CostTable.load(known.table)
+    elif budget is not None and budget.table is not None:
+        table = budget.table
+    else:
+        raise UserError("plan needs a cost table: pass --table FILE or configure an RSTBudget callback with a table")
+    if known.budget:
+        seconds = parse_duration(known.budget)
+    elif budget is not None:
+        seconds = budget.budget_seconds
+    else:
+        raise UserError("plan needs a budget: pass --budget DURATION (e.g. 24h) or configure an RSTBudget callback")
+    print(json.dumps(plan_run(trainer, model, datamodule, table, seconds), indent=2))
+
+
+def calibrate_command(argv: list[str]) -> None:
+    """``train.py calibrate --config CFG --output FILE [--warmup N --iterations N --rounds N]``: measure a table."""
+    from callbacks.rst_tools import calibrate
+
+    parser = argparse.ArgumentParser(prog="train.py calibrate", description=calibrate_command.__doc__)
+    parser.add_argument("--output", required=True, help="where to write the table (JSON, written atomically)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement")
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations; their median is one round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all depths; the fastest is kept")
+    known, rest = parser.parse_known_args(argv)
+    if known.warmup < 0 or known.iterations < 1 or known.rounds < 1:
+        raise UserError("--warmup must be >= 0, --iterations and --rounds >= 1")
+    trainer, model, datamodule = _configured(rest)
+    print(f"Calibrating {type(model).__name__} ({model.num_layers} layers), micro-batch {datamodule.batch_size} "
+          f"x {datamodule.seq_len} tokens, precision {trainer.precision}, on {trainer.strategy.root_device}:")
+    table = calibrate(
+        trainer, model, datamodule, warmup=known.warmup, iterations=known.iterations, rounds=known.rounds
+    )
+    table.save(known.output)
+    full = table.fwd_bwd_seconds[-1]
+    print(f"wrote {known.output}: {full * 1e3:.3f} ms per forward+backward micro-batch at {model.num_layers} layers "
+          f"({datamodule.batch_size * datamodule.seq_len / full:,.0f} tokens/s)")
+
+
+PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command}
+
+
 def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        PretrainingCLI(save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
+        if argv and argv[0] in PROJECT_COMMANDS:
+            PROJECT_COMMANDS[argv[0]](argv[1:])
+        else:
+            PretrainingCLI(save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=argv)
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:

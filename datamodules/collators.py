@@ -98,7 +98,7 @@ class MLMCollator:
                     torch.randint(self.num_special_tokens, self.vocab_size, (shape[1],), generator=generator),
                 )
             )
-        return tuple(torch.stack(parts) for parts in zip(*rows))
+        return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         input_ids = torch.as_tensor(np.stack([np.asarray(e["input_ids"]) for e in examples]), dtype=torch.long)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -396,3 +397,21 @@ class MLMDataModule(PretrainingDataModule):
             fixed_masks=fixed,
             seed=self.mask_seed,
         )
+
+    def synthetic_batch(self, batch_size: int | None = None, seed: int = 0) -> dict:
+        """A batch of this run's shape with random tokens, masked as in training (for calibration); no corpus read."""
+        batch_size = batch_size or self.batch_size
+        generator = torch.Generator().manual_seed(seed)
+        n_special = len(BERT_SPECIAL_TOKENS)
+        ids = torch.randint(n_special, self.vocab_size, (batch_size, self.seq_len), generator=generator)
+        examples = [{"input_ids": row.numpy(), "example_id": i} for i, row in enumerate(ids)]
+        collator = MLMCollator(
+            mask_token_id=BERT_SPECIAL_TOKENS.index("[MASK]"),
+            vocab_size=self.vocab_size,
+            special_token_ids=tuple(range(n_special)),
+            num_special_tokens=len(BERT_SPECIAL_TOKENS),
+            mlm_probability=self.mlm_probability,
+            fixed_masks=True,
+            seed=seed,
+        )
+        return collator(examples)

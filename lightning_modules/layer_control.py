@@ -73,10 +73,10 @@ class LayerControlMixin:
         if self._active_layers is None:
             yield
             return
-        for (owner, attr), stack in zip(self._stack_owners, self._full_stacks):
+        for (owner, attr), stack in zip(self._stack_owners, self._full_stacks, strict=True):
             setattr(owner, attr, nn.ModuleList([stack[i] for i in self._active_layers]))
         try:
             yield
         finally:
-            for (owner, attr), stack in zip(self._stack_owners, self._full_stacks):
+            for (owner, attr), stack in zip(self._stack_owners, self._full_stacks, strict=True):
                 setattr(owner, attr, stack)

@@ -111,20 +111,31 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         return bool(trainer.max_steps and trainer.max_steps > 0)
 
     # ----- optimization -------------------------------------------------------------------------
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over this module's parameters (no decay on biases and norm weights)."""
+        if self.optimizer_factory is None:
+            return self.default_optimizer(parameter_groups(self, self.default_weight_decay()))
+        probe = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+        weight_decay = probe.defaults.get("weight_decay", 0.0)
+        return self.optimizer_factory(parameter_groups(self, weight_decay))
+
     def configure_optimizers(self):
         if self.lr_schedule.name != "constant" and not self._has_budget():
             raise UserError(
                 f"the {self.lr_schedule.name!r} learning-rate schedule needs a budget to decay within: "
                 "set trainer.max_steps, add an RST budget callback, or use model.lr_schedule=constant"
             )
-        if self.optimizer_factory is None:
-            optimizer = self.default_optimizer(parameter_groups(self, self.default_weight_decay()))
-        else:
-            probe = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
-            weight_decay = probe.defaults.get("weight_decay", 0.0)
-            optimizer = self.optimizer_factory(parameter_groups(self, weight_decay))
+        optimizer = self.build_optimizer()
         schedule = LambdaLR(optimizer, lambda _: self.lr_schedule(self.budget_progress()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """Bring the budget clock up to date (a collective, on every rank alike) before the schedule reads tau."""
+        for callback in self.trainer.callbacks:
+            sync = getattr(callback, "sync", None)
+            if callable(sync) and callable(getattr(callback, "budget_progress", None)):
+                sync(self.trainer, self)
+        super().lr_scheduler_step(scheduler, metric)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.work_ledger.charge_optimizer_step(type(optimizer).__name__)

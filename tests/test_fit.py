@@ -19,6 +19,7 @@ def tiny_fit_args(corpus, out: Path, *extra: str) -> list[str]:
     return [
         "fit",
         "--config", str(ROOT / "configs/bert/demo.yaml"),
+        "--config", str(ROOT / "tests/configs/step-budget.yaml"),
         "--data.source", "files",
         "--data.data_files", str(corpus),
         "--data.vocab_size", "200",
