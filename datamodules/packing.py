@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = [
     "BERT_SPECIAL_TOKENS",
+    "canonical_vocabulary",
     "pack_token_stream",
     "pack_batch",
     "tokenize_batch",
@@ -54,6 +55,23 @@ def pack_batch(batch: dict, seq_len: int, separator_id: int | None) -> dict:
     return {"input_ids": chunks}
 
 
+def canonical_vocabulary(vocab: dict[str, int], special_tokens: Sequence[str]) -> dict[str, int]:
+    """Renumber a trained vocabulary so that equal training data always give equal ids.
+
+    The ``tokenizers`` trainers number tokens in hash-map order and break ties between equally
+    frequent merges differently from process to process; the *set* of tokens is stable. WordPiece
+    encodes by greedy longest match, so ids do not change how text is split: we number the special
+    tokens first, then the alphabet (single characters) sorted, then the other tokens sorted.
+    """
+    def is_alphabet(token: str) -> bool:
+        return len(token) == 1 or (token.startswith("##") and len(token) == 3)
+
+    rest = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1]) if t not in special_tokens]
+    alphabet = sorted(t for t in rest if is_alphabet(t))
+    merged = sorted(t for t in rest if not is_alphabet(t))
+    return {token: i for i, token in enumerate([*special_tokens, *alphabet, *merged])}
+
+
 def _text_iterator(dataset, batch_size: int = 1000) -> Iterator[list[str]]:
     for start in range(0, len(dataset), batch_size):
         yield dataset[start : start + batch_size]["text"]
@@ -81,6 +99,11 @@ def train_wordpiece_tokenizer(dataset, vocab_size: int, lowercase: bool = True):
         show_progress=True,
     )
     tokenizer.train_from_iterator(_text_iterator(dataset), trainer=trainer, length=len(dataset))
+    tokenizer.model = models.WordPiece(
+        vocab=canonical_vocabulary(tokenizer.get_vocab(), BERT_SPECIAL_TOKENS),
+        unk_token="[UNK]",
+        continuing_subword_prefix="##",
+    )
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

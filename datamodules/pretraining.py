@@ -62,6 +62,8 @@ class PretrainingDataModule(L.LightningDataModule):
         eval_batch_size: sequences per validation batch; defaults to ``batch_size``.
         validation_fraction: fraction of documents held out for validation.
         max_validation_sequences: cap on the packed validation split (paper: 10,000).
+        tokenizer_path: use this tokenizer (a directory saved by this project, e.g. ``<cache>/packed/<key>/tokenizer``)
+            instead of training one, to share one vocabulary between corpora or runs.
         split_seed: seed of the document split and of the one-time shuffle of training sequences.
         num_workers: DataLoader worker processes.
         num_proc: processes for tokenization (``Dataset.map``); ``None`` = in-process.
@@ -88,6 +90,7 @@ class PretrainingDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         validation_fraction: float = 0.005,
         max_validation_sequences: int = 10000,
+        tokenizer_path: str | None = None,
         split_seed: int = 0,
         num_workers: int = 0,
         num_proc: int | None = None,
@@ -106,7 +109,13 @@ class PretrainingDataModule(L.LightningDataModule):
             raise UserError(f"data.validation_fraction={validation_fraction} must be in (0, 1), e.g. 0.005")
         if max_validation_sequences <= 0:
             raise UserError(f"data.max_validation_sequences={max_validation_sequences} must be positive")
+        if tokenizer_path is not None and not (Path(tokenizer_path) / "tokenizer.json").exists():
+            raise UserError(f"data.tokenizer_path={tokenizer_path!r} holds no tokenizer.json: point it at a saved tokenizer")
         self.save_hyperparameters()
+        # One process builds the cache for all nodes: two nodes must never train two different tokenizers.
+        # Without a shared file system, point data.cache_dir at one or build the cache before the job.
+        self.prepare_data_per_node = False
+        self.tokenizer_path = tokenizer_path
         self.source = source
         self.data_files = data_files
         self.text_column = text_column
@@ -180,9 +189,32 @@ class PretrainingDataModule(L.LightningDataModule):
             "split_seed": self.split_seed,
             "pack_batch_documents": PACK_BATCH_DOCUMENTS,
             "tokenizer": self.tokenizer_settings(),
+            "tokenizer_file": self._tokenizer_file_digest(),
         }
         blob = json.dumps(settings, sort_keys=True, default=str).encode()
         return f"{self.objective}-{self.source}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+    def _tokenizer_file_digest(self) -> str | None:
+        if self.tokenizer_path is None:
+            return None
+        return hashlib.sha256((Path(self.tokenizer_path) / "tokenizer.json").read_bytes()).hexdigest()
+
+    def _obtain_tokenizer(self, documents):
+        if self.tokenizer_path is None:
+            rank_zero_info(f"Training a tokenizer (vocabulary {self.vocab_size}) on {len(documents)} documents ...")
+            return self.train_tokenizer(documents)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.check_tokenizer(tokenizer)
+        return tokenizer
+
+    def check_tokenizer(self, tokenizer) -> None:
+        if len(tokenizer) > self.vocab_size:
+            raise UserError(
+                f"the tokenizer at {self.tokenizer_path} has {len(tokenizer)} tokens, more than "
+                f"data.vocab_size={self.vocab_size}: raise data.vocab_size"
+            )
 
     @property
     def cache_path(self) -> Path:
@@ -227,8 +259,7 @@ class PretrainingDataModule(L.LightningDataModule):
         splits = self.split_documents(documents)
         n_docs, n_val = len(documents), len(splits["validation"])
 
-        rank_zero_info(f"Training a tokenizer (vocabulary {self.vocab_size}) on {n_docs - n_val} documents ...")
-        tokenizer = self.train_tokenizer(splits["train"])
+        tokenizer = self._obtain_tokenizer(splits["train"])
         separator = self.separator_id(tokenizer)
         packed: dict[str, Any] = {}
         meta: dict[str, Any] = {"documents": {"train": n_docs - n_val, "validation": n_val}}
@@ -382,6 +413,16 @@ class MLMDataModule(PretrainingDataModule):
 
     def separator_id(self, tokenizer) -> int:
         return tokenizer.sep_token_id
+
+    def check_tokenizer(self, tokenizer) -> None:
+        super().check_tokenizer(tokenizer)
+        expected = {token: i for i, token in enumerate(BERT_SPECIAL_TOKENS)}
+        actual = {token: tokenizer.convert_tokens_to_ids(token) for token in BERT_SPECIAL_TOKENS}
+        if actual != expected:
+            raise UserError(
+                f"the tokenizer at {self.tokenizer_path} numbers its special tokens {actual}; "
+                f"this project's BERT needs {expected}: use a tokenizer saved by this project"
+            )
 
     @property
     def pad_token_id(self) -> int:

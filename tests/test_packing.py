@@ -57,7 +57,9 @@ def test_packed_training_split_is_the_token_stream_cut_into_sequences(corpus_fil
 
 def test_ids_and_sequences_are_stable_across_runs_and_the_cache_is_reused(corpus_file, tmp_path, monkeypatch):
     first = _built(corpus_file, tmp_path / "a")
-    second = _built(corpus_file, tmp_path / "b")  # an independent rebuild
+    # an independent rebuild with the same tokenizer (`tokenizers` training may break ties differently)
+    second = _built(corpus_file, tmp_path / "b", tokenizer_path=str(first.cache_path / "tokenizer"))
+    assert second.cache_path != first.cache_path
     for split in ("train_dataset", "val_dataset"):
         np.testing.assert_array_equal(getattr(first, split)[:]["input_ids"], getattr(second, split)[:]["input_ids"])
         np.testing.assert_array_equal(getattr(first, split)[:]["example_id"], getattr(second, split)[:]["example_id"])
@@ -83,3 +85,25 @@ def test_tokenizer_is_saved_as_a_transformers_fast_tokenizer(corpus_file, tmp_pa
     ids = loaded("The cat sees the house.")["input_ids"]
     assert ids[0] == 2 and ids[-1] == 3
     assert loaded.decode(ids[1:-1]) == "the cat sees the house."
+
+
+def test_canonical_vocabulary_numbers_specials_then_alphabet_then_merges():
+    from datamodules.packing import canonical_vocabulary
+
+    trained = {"[PAD]": 0, "[UNK]": 1, "##ng": 2, "b": 3, "the": 4, "a": 5, "##a": 6, "##ad": 7}
+    assert canonical_vocabulary(trained, ["[PAD]", "[UNK]"]) == {
+        "[PAD]": 0, "[UNK]": 1, "##a": 2, "a": 3, "b": 4, "##ad": 5, "##ng": 6, "the": 7,
+    }
+
+
+def test_a_given_tokenizer_must_exist_and_fit(corpus_file, tmp_path):
+    from lightning_modules.errors import UserError
+
+    with pytest.raises(UserError, match="holds no tokenizer.json"):
+        MLMDataModule(**tiny_mlm_data_args(corpus_file, tokenizer_path=str(tmp_path)))
+    first = _built(corpus_file, tmp_path / "a")
+    small = MLMDataModule(**tiny_mlm_data_args(corpus_file, cache_dir=str(tmp_path / "b"), vocab_size=100,
+                                               tokenizer_path=str(first.cache_path / "tokenizer")))
+    with pytest.raises(UserError, match=r"has \d+ tokens, more than data.vocab_size=100"):
+        small.prepare_data()
+    assert not any((tmp_path / "b" / "packed").iterdir())  # nothing half-written

