@@ -229,7 +229,7 @@ class RSTBudget(Callback):
             raise UserError(f"RSTBudget mode={mode!r}: use 'table' or 'wall'")
         if mode == "table" and not table:
             raise UserError("RSTBudget in table mode needs table=PATH (e.g. configs/rst/bert-paper.json), or mode=wall")
-        self.table = CostTable.load(table) if mode == "table" else None
+        self._table: CostTable | None = None  # loaded on first use, so `calibrate` can write it
         self._offset = 0.0  # RST spent before this fit (restored from a checkpoint)
         self._spent = 0.0
         self._baseline: float | None = None  # this rank's ledger value at fit start
@@ -238,6 +238,13 @@ class RSTBudget(Callback):
         self._fit_start = time.monotonic()
         self._synced_step = -1
         self._checked_step = -1
+
+    @property
+    def table(self) -> CostTable | None:
+        """The cost table (``None`` in wall mode), read from ``table`` on first use."""
+        if self.mode == "table" and self._table is None:
+            self._table = CostTable.load(self.table_path)
+        return self._table
 
     @property
     def state_key(self) -> str:

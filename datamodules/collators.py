@@ -5,6 +5,12 @@ each non-special token is selected with probability ``mlm_probability`` (0.15); 
 tokens 80 % become ``[MASK]``, 10 % a random non-special token and 10 % stay unchanged. Labels hold
 the original token at selected positions and -100 everywhere else.
 
+Span corruption as in T5 (Raffel et al. 2020, section 3.1.4) and nanoT5 (PAPER.md 2.2): about
+``noise_density`` of the tokens, in spans of mean length ``mean_noise_span_length``, are removed from
+the input; each span is replaced by one sentinel (``<extra_id_0>``, ``<extra_id_1>``, ... in order)
+and the target lists each sentinel followed by the tokens it replaced; both end with EOS. Raw chunks
+are sized so inputs and targets come out at exact lengths with no padding (512 -> 568 raw, 114).
+
 Validation masks are a function of ``(seed, example_id)`` only, so every evaluation of every method
 scores identical inputs (the paper re-drew them at random on every call, PAPER.md 6.1 item 9).
 """
@@ -17,7 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["IGNORE_INDEX", "MLMCollator", "apply_mlm_masking"]
+__all__ = [
+    "IGNORE_INDEX",
+    "MLMCollator",
+    "SpanCorruptionCollator",
+    "apply_mlm_masking",
+    "random_spans_noise_mask",
+    "span_corruption",
+    "span_corruption_lengths",
+]
 
 IGNORE_INDEX = -100
 
@@ -109,3 +123,142 @@ class MLMCollator:
             input_ids, select, action, random_tokens, special, self.mask_token_id, self.mlm_probability
         )
         return {"input_ids": masked, "labels": labels, "example_id": example_id}
+
+
+# ----- span corruption (T5) ---------------------------------------------------------------------
+def _span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    num_noise_tokens = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_noise_spans = max(int(round(num_noise_tokens / mean_noise_span_length)), 1)
+    return num_noise_tokens, num_noise_spans
+
+
+def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0):
+    """``(raw_length, targets_length)``: raw tokens per chunk so that inputs come out at ``inputs_length``.
+
+    T5's ``compute_input_and_target_lengths``: the largest raw length whose corrupted input (kept
+    tokens + one sentinel per span + EOS) fits ``inputs_length``. Paper scale: 512 -> (568, 114).
+    """
+
+    def lengths(raw: int) -> tuple[int, int]:
+        noise, spans = _span_counts(raw, noise_density, mean_noise_span_length)
+        return raw - noise + spans + 1, noise + spans + 1
+
+    raw = inputs_length
+    while lengths(raw + 1)[0] <= inputs_length:
+        raw += 1
+    inputs, targets = lengths(raw)
+    if inputs != inputs_length:
+        fits = [n for n in range(max(8, inputs_length - 8), inputs_length + 9) if _exact(n, noise_density, mean_noise_span_length)]
+        raise ValueError(
+            f"no raw chunk length corrupts into exactly {inputs_length} input tokens with noise_density "
+            f"{noise_density} and mean span {mean_noise_span_length}; input lengths that work nearby: {fits}"
+        )
+    return raw, targets
+
+
+def _exact(inputs_length: int, noise_density: float, mean_noise_span_length: float) -> bool:
+    try:
+        span_corruption_lengths(inputs_length, noise_density, mean_noise_span_length)
+    except ValueError:
+        return False
+    return True
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean mask of ``length``, True at noise tokens: alternating non-noise/noise spans, noise last.
+
+    T5's ``random_spans_noise_mask``: the noise and non-noise tokens are each split into the same
+    number of spans at random, and the spans interleave starting with non-noise.
+    """
+    num_noise_tokens, num_noise_spans = _span_counts(length, noise_density, mean_noise_span_length)
+    num_nonnoise_tokens = length - num_noise_tokens
+
+    def random_segmentation(num_items: int, num_segments: int) -> np.ndarray:
+        first_in_segment = np.arange(num_items - 1) < num_segments - 1
+        rng.shuffle(first_in_segment)
+        segment_id = np.cumsum(np.pad(first_in_segment, [[1, 0]]))
+        return np.bincount(segment_id, minlength=num_segments)
+
+    noise_span_lengths = random_segmentation(num_noise_tokens, num_noise_spans)
+    nonnoise_span_lengths = random_segmentation(num_nonnoise_tokens, num_noise_spans)
+    interleaved = np.reshape(np.stack([nonnoise_span_lengths, noise_span_lengths], axis=1), [num_noise_spans * 2])
+    span_starts = np.cumsum(interleaved)[:-1]
+    span_start_indicator = np.zeros((length,), dtype=np.int8)
+    span_start_indicator[span_starts] = True
+    span_num = np.cumsum(span_start_indicator)
+    return span_num % 2 == 1
+
+
+def span_corruption(tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: np.ndarray, eos_id: int):
+    """``(inputs, targets)``: each noise span replaced by the next sentinel; targets list the spans.
+
+    ``sentinel_ids[i]`` is the id of ``<extra_id_i>``.
+    """
+
+    def filter_with_sentinels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        starts = mask & ~np.pad(mask, [[1, 0]])[:-1]  # first token of each masked span
+        span_index = np.cumsum(starts) - 1
+        with_sentinels = np.where(starts, sentinel_ids[np.maximum(span_index, 0)], ids)
+        return with_sentinels[~mask | starts]
+
+    inputs = np.append(filter_with_sentinels(tokens, noise_mask), eos_id)
+    targets = np.append(filter_with_sentinels(tokens, ~noise_mask), eos_id)
+    return inputs, targets
+
+
+@dataclass
+class SpanCorruptionCollator:
+    """Corrupt packed raw chunks into fixed-length T5 inputs and targets.
+
+    Args:
+        inputs_length: tokens per encoder input (paper: 512).
+        sentinel_ids: ids of ``<extra_id_0>``, ``<extra_id_1>``, ...
+        eos_id: id of ``</s>``.
+        noise_density: fraction of raw tokens corrupted (paper: 0.15).
+        mean_noise_span_length: mean corrupted span length (paper: 3.0).
+        fixed_masks: if ``True`` (validation) masks depend only on ``(seed, example_id)``.
+        seed: seed of the fixed masks.
+    """
+
+    inputs_length: int
+    sentinel_ids: Sequence[int]
+    eos_id: int
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    fixed_masks: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.noise_density < 1.0:
+            raise ValueError(f"noise_density={self.noise_density} is outside (0, 1); T5 uses 0.15")
+        if self.mean_noise_span_length < 1.0:
+            raise ValueError(f"mean_noise_span_length={self.mean_noise_span_length} must be >= 1; T5 uses 3.0")
+        self.raw_length, self.targets_length = span_corruption_lengths(
+            self.inputs_length, self.noise_density, self.mean_noise_span_length
+        )
+        self._sentinels = np.asarray(self.sentinel_ids, dtype=np.int64)
+
+    def _rng(self, example_id: int) -> np.random.Generator:
+        if self.fixed_masks:
+            return np.random.default_rng([self.seed, int(example_id)])
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        inputs, targets = [], []
+        for example in examples:
+            tokens = np.asarray(example["input_ids"], dtype=np.int64)
+            if tokens.shape[0] != self.raw_length:
+                raise ValueError(f"expected raw chunks of {self.raw_length} tokens, got {tokens.shape[0]}")
+            mask = random_spans_noise_mask(
+                self.raw_length, self.noise_density, self.mean_noise_span_length, self._rng(example["example_id"])
+            )
+            source, target = span_corruption(tokens, mask, self._sentinels, self.eos_id)
+            inputs.append(source)
+            targets.append(target)
+        return {
+            "input_ids": torch.as_tensor(np.stack(inputs)),
+            "labels": torch.as_tensor(np.stack(targets)),
+            "example_id": torch.as_tensor([int(e["example_id"]) for e in examples], dtype=torch.long),
+        }

@@ -16,6 +16,7 @@ __all__ = [
     "pack_token_stream",
     "pack_batch",
     "tokenize_batch",
+    "train_unigram_tokenizer",
     "train_wordpiece_tokenizer",
 ]
 
@@ -122,3 +123,41 @@ def train_wordpiece_tokenizer(dataset, vocab_size: int, lowercase: bool = True):
         mask_token="[MASK]",
         model_max_length=512,
     )
+
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+T5_SENTINELS = 100
+
+
+def train_unigram_tokenizer(dataset, vocab_size: int, sentinels: int = T5_SENTINELS):
+    """Train a SentencePiece-style Unigram tokenizer and wrap it as a ``transformers`` T5 tokenizer.
+
+    Layout as T5's: ``<pad>=0, </s>=1, <unk>=2``, the trained pieces, then the ``sentinels`` tokens
+    ``<extra_id_99> ... <extra_id_0>`` at the end (``<extra_id_0>`` has the largest id). NFKC
+    normalization, whitespace split with the ``▁`` metaspace; encoding appends ``</s>``.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    if vocab_size <= sentinels + len(T5_SPECIAL_TOKENS) + 10:
+        raise ValueError(f"vocab_size={vocab_size} leaves no room next to {sentinels} sentinel tokens")
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - sentinels,
+        special_tokens=list(T5_SPECIAL_TOKENS),
+        unk_token="<unk>",
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(_text_iterator(dataset), trainer=trainer, length=len(dataset))
+    pieces = [(piece, score) for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]]
+    assert [p for p, _ in pieces[:3]] == list(T5_SPECIAL_TOKENS), pieces[:3]
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(sentinels - 1, -1, -1)]
+    wrapped = T5Tokenizer(vocab=pieces, extra_ids=sentinels, model_max_length=1_000_000)
+    wrapped.backend_tokenizer.normalizer = normalizers.NFKC()
+    return wrapped

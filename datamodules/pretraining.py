@@ -32,12 +32,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.collators import MLMCollator
+from datamodules.collators import MLMCollator, SpanCorruptionCollator, span_corruption_lengths
 from datamodules.corpora import EMBEDDED_CORPORA, SOURCES, default_cache_dir, load_documents, remove_tree
-from datamodules.packing import BERT_SPECIAL_TOKENS, pack_batch, tokenize_batch, train_wordpiece_tokenizer
+from datamodules.packing import (
+    BERT_SPECIAL_TOKENS,
+    T5_SENTINELS,
+    T5_SPECIAL_TOKENS,
+    pack_batch,
+    tokenize_batch,
+    train_unigram_tokenizer,
+    train_wordpiece_tokenizer,
+)
 from lightning_modules.errors import UserError
 
-__all__ = ["PretrainingDataModule", "MLMDataModule"]
+__all__ = ["MLMDataModule", "PretrainingDataModule", "SpanCorruptionDataModule"]
 
 CACHE_FORMAT = 1
 PACK_BATCH_DOCUMENTS = 1000
@@ -456,3 +464,102 @@ class MLMDataModule(PretrainingDataModule):
             seed=seed,
         )
         return collator(examples)
+
+
+class SpanCorruptionDataModule(PretrainingDataModule):
+    """Pre-training data for T5 span corruption (Unigram tokenizer, span-corruption collator).
+
+    ``seq_len`` is the encoder input length; documents are packed into longer raw chunks (568 for
+    512) so that inputs and targets come out at exact lengths without padding (PAPER.md 2.2, 5.2).
+
+    Args:
+        noise_density: fraction of raw tokens corrupted (paper: 0.15).
+        mean_noise_span_length: mean length of a corrupted span (paper: 3.0).
+        mask_seed: seed of the fixed validation corruption.
+        **kwargs: see ``PretrainingDataModule``.
+    """
+
+    objective = "span-corruption"
+
+    def __init__(
+        self,
+        *args: Any,
+        noise_density: float = 0.15,
+        mean_noise_span_length: float = 3.0,
+        mask_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 < noise_density < 1.0:
+            raise UserError(f"data.noise_density={noise_density} must be in (0, 1); T5 uses 0.15")
+        if mean_noise_span_length < 1.0:
+            raise UserError(f"data.mean_noise_span_length={mean_noise_span_length} must be >= 1; T5 uses 3.0")
+        self.noise_density = noise_density
+        self.mean_noise_span_length = mean_noise_span_length
+        self.mask_seed = mask_seed
+        kwargs.setdefault("seq_len", 512)
+        super().__init__(*args, **kwargs)
+        if self.vocab_size <= T5_SENTINELS + 20:
+            raise UserError(f"data.vocab_size={self.vocab_size} leaves no room next to {T5_SENTINELS} sentinel tokens")
+        self._raw_length, self.targets_length = span_corruption_lengths(
+            self.seq_len, noise_density, mean_noise_span_length
+        )
+
+    @property
+    def raw_sequence_length(self) -> int:
+        return self._raw_length
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """Raw corpus tokens consumed per example (568 at paper scale)."""
+        return self._raw_length
+
+    def tokenizer_settings(self) -> dict[str, Any]:
+        return {"kind": "unigram", "sentinels": T5_SENTINELS, "special": list(T5_SPECIAL_TOKENS)}
+
+    def train_tokenizer(self, documents):
+        return train_unigram_tokenizer(documents, self.vocab_size)
+
+    def separator_id(self, tokenizer) -> int:
+        return tokenizer.eos_token_id  # T5 ends every document with </s>
+
+    def check_tokenizer(self, tokenizer) -> None:
+        super().check_tokenizer(tokenizer)
+        if [tokenizer.pad_token_id, tokenizer.eos_token_id] != [0, 1] or len(self._sentinel_ids(tokenizer)) != T5_SENTINELS:
+            raise UserError(f"the tokenizer at {self.tokenizer_path} is not a T5 tokenizer with 100 sentinels")
+
+    @staticmethod
+    def _sentinel_ids(tokenizer) -> list[int]:
+        ids = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(T5_SENTINELS)])
+        return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+    @property
+    def pad_token_id(self) -> int:
+        return 0
+
+    def make_collator(self, fixed: bool) -> SpanCorruptionCollator:
+        return SpanCorruptionCollator(
+            inputs_length=self.seq_len,
+            sentinel_ids=self._sentinel_ids(self.tokenizer),
+            eos_id=self.tokenizer.eos_token_id,
+            noise_density=self.noise_density,
+            mean_noise_span_length=self.mean_noise_span_length,
+            fixed_masks=fixed,
+            seed=self.mask_seed,
+        )
+
+    def synthetic_batch(self, batch_size: int | None = None, seed: int = 0) -> dict:
+        """A batch of this run's shape with random tokens (for calibration); no corpus read."""
+        batch_size = batch_size or self.batch_size
+        rng = np.random.default_rng(seed)
+        sentinels = list(range(self.vocab_size - 1, self.vocab_size - 1 - T5_SENTINELS, -1))
+        ids = rng.integers(len(T5_SPECIAL_TOKENS), self.vocab_size - T5_SENTINELS, (batch_size, self._raw_length))
+        collator = SpanCorruptionCollator(
+            inputs_length=self.seq_len,
+            sentinel_ids=sentinels,
+            eos_id=1,
+            noise_density=self.noise_density,
+            mean_noise_span_length=self.mean_noise_span_length,
+            fixed_masks=True,
+            seed=seed,
+        )
+        return collator([{"input_ids": row, "example_id": i} for i, row in enumerate(ids)])

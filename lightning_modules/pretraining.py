@@ -8,7 +8,7 @@ batch) and ``per_example_loss``.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -49,6 +49,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         warmup_fraction: budget fraction of the warm-up (cosine, linear, constant schedules).
         final_lr_fraction: LR multiplier at the end of the budget (cosine floor; linear end).
         warmup_start_fraction: LR multiplier at the start of the warm-up (cosine only).
+        float32_matmul_precision: ``high`` lets float32 matrix products use TF32 on GPUs that have it
+            (the paper's T5 ran so); ``None`` leaves PyTorch's setting alone.
     """
 
     def __init__(
@@ -58,9 +60,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         warmup_fraction: float = 0.0,
         final_lr_fraction: float = 0.0,
         warmup_start_fraction: float = 0.0,
+        float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
+        self.float32_matmul_precision = float32_matmul_precision
         try:
             self.lr_schedule = LRSchedule(
                 name=lr_schedule,
@@ -89,6 +93,10 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].numel())
+
+    def setup(self, stage: str) -> None:
+        if self.float32_matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.float32_matmul_precision)
 
     # ----- budget progress ----------------------------------------------------------------------
     def budget_progress(self) -> float:

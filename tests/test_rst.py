@@ -149,7 +149,7 @@ def test_budget_argument_errors():
     with pytest.raises(UserError, match="needs table=PATH"):
         RSTBudget(budget="1h")
     with pytest.raises(UserError, match="does not exist"):
-        RSTBudget(budget="1h", table="/nonexistent.json")
+        _ = RSTBudget(budget="1h", table="/nonexistent.json").table
     with pytest.raises(UserError, match="cannot read the duration"):
         RSTBudget(budget="one hour", mode="wall")
 

@@ -1,0 +1,156 @@
+"""T5 span-corruption pre-training (the paper's T5, PAPER.md 2.2 and 3.2).
+
+The network is ``transformers``' ``T5ForConditionalGeneration`` with a T5 v1.1 configuration:
+gated-GELU feed-forward, RMSNorm (T5LayerNorm) pre-norm blocks, no biases, untied input embedding
+and LM head, relative position buckets (32 buckets, distance 128), dropout 0 in pre-training. It
+exports with ``save_pretrained`` and loads with ``AutoModelForSeq2SeqLM``.
+
+Layer control covers the encoder and the decoder blocks with the same indices in both (as the
+paper's stacking and dropping do). Departure from the paper: the stock T5 keeps one relative
+position bias, held by block 0 of each stack and reused by the others; the paper gave every block
+its own (``share_positional_bias: False``). Here block 0 therefore always stays active.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from transformers import T5Config, T5ForConditionalGeneration
+
+from datamodules.collators import IGNORE_INDEX
+from lightning_modules.errors import UserError
+from lightning_modules.optimizers import AdamWScale
+from lightning_modules.pretraining import PretrainingModule
+from lightning_modules.schedules import ScheduleName
+
+__all__ = ["T5SpanCorruption"]
+
+# nanoT5's cosine-budget warm-up: 10,000 of 65,536 scheduler steps (PAPER.md 1.7)
+PAPER_WARMUP_FRACTION = 10000 / 65536
+
+
+class T5SpanCorruption(PretrainingModule):
+    """T5 v1.1 trained with span corruption.
+
+    Args:
+        vocab_size: embedding rows; linked from ``data.vocab_size`` by ``train.py``.
+        max_seq_len: encoder input length; linked from ``data.seq_len`` (T5's relative positions
+            need no table; recorded for calibration and export).
+        num_layers: blocks in the encoder and in the decoder (paper: 12).
+        d_model: model width (paper: 768).
+        d_ff: feed-forward width (paper: 2048).
+        num_heads: attention heads (paper: 12).
+        d_kv: width of one head (paper: 64).
+        relative_attention_num_buckets: relative position buckets (T5: 32).
+        relative_attention_max_distance: largest distinguished distance (T5: 128).
+        layer_norm_epsilon: RMSNorm epsilon (T5: 1e-6).
+        learning_rate: base LR of the default ``AdamWScale`` (paper: 2e-2).
+        betas: AdamWScale betas (paper: 0.9, 0.999).
+        eps: AdamWScale epsilon (paper: 1e-6).
+        weight_decay: decoupled weight decay (paper: 0).
+        optimizer: any ``torch.optim`` class instead of AdamWScale (see ``PretrainingModule``).
+        lr_schedule: default ``cosine`` with the paper's settings below.
+        warmup_fraction: paper: 10000/65536 of the budget.
+        final_lr_fraction: cosine floor (paper: 1e-5).
+        warmup_start_fraction: the warm-up starts at half the peak (nanoT5).
+        float32_matmul_precision: ``high`` = TF32 on GPUs that have it (the paper's T5).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 32128,
+        max_seq_len: int = 512,
+        num_layers: int = 12,
+        d_model: int = 768,
+        d_ff: int = 2048,
+        num_heads: int = 12,
+        d_kv: int = 64,
+        relative_attention_num_buckets: int = 32,
+        relative_attention_max_distance: int = 128,
+        layer_norm_epsilon: float = 1e-6,
+        learning_rate: float = 2e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_schedule: ScheduleName = "cosine",
+        warmup_fraction: float = PAPER_WARMUP_FRACTION,
+        final_lr_fraction: float = 1e-5,
+        warmup_start_fraction: float = 0.5,
+        float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
+    ) -> None:
+        super().__init__(
+            optimizer=optimizer,
+            lr_schedule=lr_schedule,
+            warmup_fraction=warmup_fraction,
+            final_lr_fraction=final_lr_fraction,
+            warmup_start_fraction=warmup_start_fraction,
+            float32_matmul_precision=float32_matmul_precision,
+        )
+        for name, value in (("num_layers", num_layers), ("vocab_size", vocab_size), ("d_model", d_model)):
+            if value <= 0:
+                raise UserError(f"model.{name}={value} must be positive")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.learning_rate, self.betas, self.eps, self.weight_decay = learning_rate, tuple(betas), eps, weight_decay
+        config = T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=d_kv,
+            d_ff=d_ff,
+            num_layers=num_layers,
+            num_decoder_layers=num_layers,
+            num_heads=num_heads,
+            relative_attention_num_buckets=relative_attention_num_buckets,
+            relative_attention_max_distance=relative_attention_max_distance,
+            dropout_rate=0.0,
+            layer_norm_epsilon=layer_norm_epsilon,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            use_cache=False,
+        )
+        self.model = T5ForConditionalGeneration(config)
+        self._init_layer_control([(self.model.encoder, "block"), (self.model.decoder, "block")])
+
+    def required_layers(self) -> tuple[int, ...]:
+        """Block 0 holds the relative position bias that every other block reuses."""
+        return (0,)
+
+    # ----- optimizer defaults (PAPER.md 2.2) ------------------------------------------------------
+    def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return AdamWScale(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps)
+
+    def default_weight_decay(self) -> float:
+        return self.weight_decay
+
+    # ----- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``(B, T_target, V)`` with teacher forcing, computed with the active blocks only."""
+        with self.running_active_layers():
+            return self.model(input_ids=input_ids, labels=labels, use_cache=False).logits
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        logits = self(batch["input_ids"], batch["labels"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return loss, int((batch["labels"] != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean span-corruption loss over each example's target tokens ``(B,)``, eval mode, no gradient."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(batch["input_ids"], batch["labels"])
+            labels = batch["labels"]
+            token_loss = F.cross_entropy(
+                logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+            return token_loss.sum(1) / counts
+        finally:
+            self.train(was_training)

@@ -1,0 +1,192 @@
+"""T5 span corruption: collator statistics, tokenizer, module contracts, optimizer, end-to-end fit."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from datamodules import SpanCorruptionDataModule
+from datamodules.collators import (
+    SpanCorruptionCollator,
+    random_spans_noise_mask,
+    span_corruption,
+    span_corruption_lengths,
+)
+from lightning_modules.errors import UserError
+from lightning_modules.optimizers import AdamWScale
+from lightning_modules.t5_span_corruption import T5SpanCorruption
+from test_fit import _scalars
+
+VOCAB = 1000
+SENTINELS = list(range(VOCAB - 1, VOCAB - 101, -1))  # <extra_id_0> has the largest id, as in T5
+
+
+def test_paper_lengths():
+    assert span_corruption_lengths(512, 0.15, 3.0) == (568, 114)
+    assert span_corruption_lengths(128) == (141, 29)
+
+
+def _collator(inputs_length=512, **kw):
+    return SpanCorruptionCollator(inputs_length=inputs_length, sentinel_ids=SENTINELS, eos_id=1, **kw)
+
+
+def _examples(n, raw_length, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(3, VOCAB - 100, raw_length), "example_id": i} for i in range(n)]
+
+
+def test_noise_density_and_mean_span_length_on_a_large_sample():
+    rng = np.random.default_rng(0)
+    masks = np.stack([random_spans_noise_mask(568, 0.15, 3.0, rng) for _ in range(2000)])
+    assert masks.mean() == pytest.approx(85 / 568)  # round(568 x 0.15) = 85 noise tokens, every time
+    starts = masks & ~np.pad(masks, [[0, 0], [1, 0]])[:, :-1]
+    assert masks.sum() / starts.sum() == pytest.approx(85 / 28)  # 28 spans: mean length 3.04
+    assert not masks[:, 0].any()  # spans interleave starting with non-noise
+    # span lengths vary (random segmentation), their mean is what was asked
+    lengths = np.diff(np.flatnonzero(np.diff(np.pad(masks[0].astype(int), 1))))[::2]
+    assert lengths.min() >= 1 and lengths.max() > 3
+
+
+def test_lengths_are_exact_sentinels_in_order_and_every_token_recoverable():
+    collator = _collator()
+    examples = _examples(64, 568)
+    batch = collator(examples)
+    assert batch["input_ids"].shape == (64, 512) and batch["labels"].shape == (64, 114)
+    for example, inputs, targets in zip(examples, batch["input_ids"].numpy(), batch["labels"].numpy(), strict=True):
+        assert inputs[-1] == 1 and targets[-1] == 1
+        in_sentinels = [t for t in inputs if t in SENTINELS]
+        out_sentinels = [t for t in targets if t in SENTINELS]
+        assert in_sentinels == out_sentinels == SENTINELS[: len(in_sentinels)] and len(in_sentinels) == 28
+        # merge: replace each sentinel of the input by the span that follows it in the target
+        spans, current = {}, None
+        for token in targets[:-1]:
+            if token in SENTINELS:
+                current = token
+                spans[current] = []
+            else:
+                spans[current].append(token)
+        merged = [t for token in inputs[:-1] for t in (spans[token] if token in SENTINELS else [token])]
+        assert merged == list(example["input_ids"])
+
+
+def test_validation_corruption_is_fixed_per_example_and_training_differs():
+    examples = _examples(8, 141)
+    fixed = _collator(128, fixed_masks=True, seed=3)
+    torch.manual_seed(0)
+    first = fixed(examples)
+    torch.manual_seed(1)
+    assert torch.equal(fixed(examples)["input_ids"], first["input_ids"])
+    assert torch.equal(fixed(examples[3:4])["labels"][0], first["labels"][3])
+    training = _collator(128)
+    assert not torch.equal(training(examples)["input_ids"], training(examples)["input_ids"])
+
+
+def test_span_corruption_pure_example():
+    tokens = np.array([10, 11, 12, 13, 14, 15])
+    mask = np.array([False, True, True, False, False, True])  # T5 masks end with a noise span
+    inputs, targets = span_corruption(tokens, mask, np.array([99, 98]), eos_id=1)
+    assert inputs.tolist() == [10, 99, 13, 14, 98, 1]
+    assert targets.tolist() == [99, 11, 12, 98, 15, 1]
+
+
+def test_t5_tokenizer_layout(corpus_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    dm = SpanCorruptionDataModule(source="files", data_files=str(corpus_file), vocab_size=300, seq_len=32,
+                                  batch_size=8, validation_fraction=0.05, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
+    loaded = AutoTokenizer.from_pretrained(dm.cache_path / "tokenizer")
+    assert [loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id] == [0, 1, 2]
+    sentinels = loaded.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
+    assert sentinels == list(range(len(loaded) - 1, len(loaded) - 101, -1))
+    ids = loaded("the cat sees the house.")["input_ids"]
+    assert ids[-1] == 1 and loaded.decode(ids, skip_special_tokens=True) == "the cat sees the house."
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (8, 32) and batch["labels"].shape == (8, dm.targets_length)
+    assert dm.raw_sequence_length == span_corruption_lengths(32)[0]
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=VOCAB, num_layers=3, d_model=32, d_ff=64, num_heads=2, d_kv=16)
+    args.update(kw)
+    return T5SpanCorruption(**args)
+
+
+def _batch(n=4, inputs_length=32, seed=0):
+    collator = _collator(inputs_length, fixed_masks=True)
+    return collator(_examples(n, collator.raw_length, seed))
+
+
+def test_per_example_loss_matches_the_training_loss():
+    model, batch = _model(), _batch(6)
+    loss, targets = model.compute_loss(batch)
+    assert targets == batch["labels"].numel()
+    torch.testing.assert_close(model.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss, loss)
+    per_example = model.per_example_loss(batch)
+    assert per_example.shape == (6,) and not per_example.requires_grad
+    torch.testing.assert_close(per_example.mean(), loss.detach(), rtol=1e-5, atol=1e-6)  # equal target lengths
+
+
+def test_turning_blocks_off_changes_the_output_and_inactive_blocks_get_no_gradient():
+    model, batch = _model(), _batch()
+    full = model(batch["input_ids"], batch["labels"]).detach()
+    model.set_active_layers([0, 2])
+    model.zero_grad()
+    loss, _ = model.compute_loss(batch)
+    loss.backward()
+    assert not torch.allclose(model(batch["input_ids"], batch["labels"]), full)
+    encoder, decoder = model.layer_stacks()
+    for stack in (encoder, decoder):
+        assert all(p.grad is None for p in stack[1].parameters())
+        assert all(p.grad is not None for p in stack[2].parameters())
+    with pytest.raises(UserError, match="layer 0 cannot be switched off"):
+        model.set_active_layers([1, 2])
+    model.set_active_layers(None)
+    torch.testing.assert_close(model(batch["input_ids"], batch["labels"]), full)
+
+
+def test_adamwscale_matches_a_hand_computed_step():
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # RMS = 5 / sqrt(2)
+    optimizer = AdamWScale([p], lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
+    p.grad = torch.tensor([1.0, -2.0])
+    optimizer.step()
+    # first step: bias-corrected m / sqrt(v) = sign(g), and the step is lr x RMS(theta)
+    rms = 5 / math.sqrt(2)
+    expected = torch.tensor([3.0, 4.0]) - 0.1 * rms * torch.tensor([1.0, -1.0])
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-4)
+    small = torch.nn.Parameter(torch.zeros(3))  # RMS 0: the scale is floored at 1e-3
+    opt2 = AdamWScale([small], lr=1.0)
+    small.grad = torch.ones(3)
+    opt2.step()
+    torch.testing.assert_close(small.detach(), torch.full((3,), -1e-3), rtol=1e-3, atol=1e-6)
+
+
+def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsys):
+    train.main([
+        "fit",
+        "--config", str(ROOT / "configs/t5/demo.yaml"),
+        "--config", str(ROOT / "tests/configs/step-budget.yaml"),
+        "--data.source", "files", "--data.data_files", str(corpus_file),
+        "--data.vocab_size", "300", "--data.seq_len", "32", "--data.batch_size", "16",
+        "--data.validation_fraction", "0.05", "--data.max_validation_sequences", "64",
+        "--model.num_layers", "2", "--model.d_model", "32", "--model.d_ff", "64",
+        "--model.num_heads", "2", "--model.d_kv", "16",
+        "--trainer.max_steps", "60", "--trainer.val_check_interval", "30",
+        "--trainer.log_every_n_steps", "5", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith(f"done: 60 steps, {60 * 16 * span_corruption_lengths(32)[0]:,} tokens")
+    log_dir = tmp_path / "t5-demo" / "version_0"
+    scalars = _scalars(log_dir)
+    losses = [v for _, v in scalars["train/loss"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
+    assert "val/loss" in scalars and "lr/pg1" in scalars
+    restored = T5SpanCorruption.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
+    assert restored.num_layers == 2 and dict(restored.work_ledger.counts)["fwd_bwd/2"] == 960.0
+    assert dict(restored.work_ledger.counts)["optimizer_step/AdamWScale"] == 60.0
