@@ -190,3 +190,24 @@ def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsy
     restored = T5SpanCorruption.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
     assert restored.num_layers == 2 and dict(restored.work_ledger.counts)["fwd_bwd/2"] == 960.0
     assert dict(restored.work_ledger.counts)["optimizer_step/AdamWScale"] == 60.0
+
+
+def test_plan_and_calibrate_work_for_t5(tmp_path, capsys):
+    import json
+
+    from callbacks.rst import CostTable
+
+    train.main(["plan", "--config", str(ROOT / "configs/t5/baseline.yaml"), "--budget", "6h"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["optimizer_steps"] == 20951 and plan["micro_batches"] == 2 * 20951  # PAPER.md 1.6
+    assert plan["optimizer"] == "AdamWScale" and plan["tokens"] == 20951 * 144 * 568
+    output = tmp_path / "t5.json"
+    train.main([
+        "calibrate", "--output", str(output), "--warmup", "0", "--iterations", "1", "--rounds", "1",
+        "--config", str(ROOT / "configs/t5/demo.yaml"), "--data.vocab_size", "300", "--data.seq_len", "32",
+        "--data.batch_size", "4", "--model.num_layers", "2", "--model.d_model", "32", "--model.d_ff", "64",
+        "--model.num_heads", "2", "--model.d_kv", "16",
+    ])
+    table = CostTable.load(output)
+    assert (table.micro_batch_size, table.seq_len, table.max_layers) == (4, 32, 2)
+    assert set(table.optimizer_step_seconds) == {"AdamWScale"}
