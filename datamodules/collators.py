@@ -13,6 +13,8 @@ are sized so inputs and targets come out at exact lengths with no padding (512 -
 
 Validation masks are a function of ``(seed, example_id)`` only, so every evaluation of every method
 scores identical inputs (the paper re-drew them at random on every call, PAPER.md 6.1 item 9).
+Training masks are a function of ``(seed, pass, example_id)``: reproducible, independent of workers
+and threads, and the same after a resume.
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+
+
+def example_rng(seed: int, example: dict, fixed: bool) -> np.random.Generator:
+    """The random generator of one example's masking.
+
+    Validation (``fixed``): a function of ``(seed, example_id)``. Training: of ``(seed, pass, example_id)``
+    when the training stream numbers its passes (so masks are reproducible and survive a resume),
+    else drawn from torch's global generator.
+    """
+    example_id = int(example["example_id"])
+    if fixed:
+        return np.random.default_rng([seed, example_id])
+    if "pass_index" in example:
+        return np.random.default_rng([seed, 1 + int(example["pass_index"]), example_id])
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
 def apply_mlm_masking(
@@ -95,30 +112,25 @@ class MLMCollator:
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability} is outside (0, 1); the paper uses 0.15")
 
-    def _noise(self, shape: tuple[int, int], example_ids: torch.Tensor):
-        if not self.fixed_masks:
-            return (
-                torch.rand(shape),
-                torch.rand(shape),
-                torch.randint(self.num_special_tokens, self.vocab_size, shape),
-            )
+    def _noise(self, shape: tuple[int, int], examples: list[dict]):
+        length = shape[1]
         rows = []
-        for example_id in example_ids.tolist():
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(example_id))
+        for example in examples:
+            rng = example_rng(self.seed, example, self.fixed_masks)
             rows.append(
                 (
-                    torch.rand(shape[1], generator=generator),
-                    torch.rand(shape[1], generator=generator),
-                    torch.randint(self.num_special_tokens, self.vocab_size, (shape[1],), generator=generator),
+                    rng.random(length, dtype=np.float32),
+                    rng.random(length, dtype=np.float32),
+                    rng.integers(self.num_special_tokens, self.vocab_size, length),
                 )
             )
-        return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
+        return tuple(torch.as_tensor(np.stack(parts)) for parts in zip(*rows, strict=True))
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         input_ids = torch.as_tensor(np.stack([np.asarray(e["input_ids"]) for e in examples]), dtype=torch.long)
         example_id = torch.as_tensor([int(e["example_id"]) for e in examples], dtype=torch.long)
         special = torch.isin(input_ids, torch.as_tensor(list(self.special_token_ids), dtype=torch.long))
-        select, action, random_tokens = self._noise(tuple(input_ids.shape), example_id)
+        select, action, random_tokens = self._noise(tuple(input_ids.shape), examples)
         masked, labels = apply_mlm_masking(
             input_ids, select, action, random_tokens, special, self.mask_token_id, self.mlm_probability
         )
@@ -240,10 +252,6 @@ class SpanCorruptionCollator:
         )
         self._sentinels = np.asarray(self.sentinel_ids, dtype=np.int64)
 
-    def _rng(self, example_id: int) -> np.random.Generator:
-        if self.fixed_masks:
-            return np.random.default_rng([self.seed, int(example_id)])
-        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         inputs, targets = [], []
@@ -252,7 +260,8 @@ class SpanCorruptionCollator:
             if tokens.shape[0] != self.raw_length:
                 raise ValueError(f"expected raw chunks of {self.raw_length} tokens, got {tokens.shape[0]}")
             mask = random_spans_noise_mask(
-                self.raw_length, self.noise_density, self.mean_noise_span_length, self._rng(example["example_id"])
+                self.raw_length, self.noise_density, self.mean_noise_span_length,
+                example_rng(self.seed, example, self.fixed_masks),
             )
             source, target = span_corruption(tokens, mask, self._sentinels, self.eos_id)
             inputs.append(source)

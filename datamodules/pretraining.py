@@ -43,6 +43,7 @@ from datamodules.packing import (
     train_unigram_tokenizer,
     train_wordpiece_tokenizer,
 )
+from datamodules.streams import ResumableLoader, SequentialTrainingStream
 from lightning_modules.errors import UserError
 
 __all__ = ["MLMDataModule", "PretrainingDataModule", "SpanCorruptionDataModule"]
@@ -361,15 +362,32 @@ class PretrainingDataModule(L.LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # already shuffled once, offline, with split_seed; read in order, resumable (datamodules/streams.py)
+        trainer = getattr(self, "trainer", None)
+        stream = SequentialTrainingStream(
             self.train_dataset,
+            self.batch_size,
+            start_batch=self._resume_batches(),
+            pass_index=trainer.current_epoch if trainer is not None else 0,
+        )
+        return ResumableLoader(
+            stream,
             batch_size=self.batch_size,
-            shuffle=False,  # already shuffled once, offline, with split_seed (see module docstring)
-            drop_last=True,
             collate_fn=self.make_collator(fixed=False),
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
         )
+
+    def _resume_batches(self) -> int:
+        """Batches of the current pass already trained on, when Lightning resumes from a checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        try:
+            loop = trainer.fit_loop
+            # "processed": a checkpoint written in on_train_batch_end has processed the batch, not yet completed it
+            return int(loop.epoch_loop.batch_progress.current.processed) if loop.restarting else 0
+        except AttributeError:  # another Lightning version: resume from the start of the pass
+            return 0
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
