@@ -159,6 +159,9 @@ def calibrate(
     """Measure a cost table for this configuration on this machine (see the module docstring)."""
     device = trainer.strategy.root_device
     precision = str(trainer.precision)
+    if getattr(model, "float32_matmul_precision", None):  # e.g. TF32 for the paper's T5
+        torch.set_float32_matmul_precision(model.float32_matmul_precision)
+        precision += f" (float32 matmul: {model.float32_matmul_precision})"
     model = model.to(device)
     if precision.startswith("bf16-true"):
         model = model.to(torch.bfloat16)

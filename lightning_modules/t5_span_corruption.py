@@ -148,8 +148,8 @@ class T5SpanCorruption(PretrainingModule):
             logits = self(batch["input_ids"], batch["labels"])
             labels = batch["labels"]
             token_loss = F.cross_entropy(
-                logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view_as(labels)
             counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
             return token_loss.sum(1) / counts
         finally:
