@@ -8,7 +8,8 @@ around each; this is repeated in rounds that interleave the depths, and the fast
 ``plan`` charges a work ledger step by step exactly as a real run does (same micro-batches, same
 active layers, same arithmetic) until the budget is spent, without data or training, and reports
 steps, tokens and RST per phase. Callbacks that change the depth plug in through
-``planned_active_layers(tau, num_layers) -> int``.
+``planned_active_layers(tau, num_layers, step, required) -> int`` (layer dropping replays the very
+draws the run will make) and optionally ``planned_phase(tau) -> str`` to name their phases.
 """
 
 from __future__ import annotations
@@ -39,30 +40,36 @@ def simulate(
     tokens_per_example: int,
     optimizer_name: str,
     num_layers: int,
-    active_layers_at: Callable[[float], int] | None = None,
+    active_layers_at: Callable[[float, int], int] | None = None,
+    phase_at: Callable[[float], str] | None = None,
     max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Charge a ledger step by step as ``RSTBudget`` and the module do, until the budget is spent.
 
-    The step that crosses the budget is executed (as in the paper and in a real run).
+    ``active_layers_at(tau, step)`` gives the depth of each step; ``phase_at(tau)`` names its phase
+    (default: the depth). The step that crosses the budget is executed (as in the paper and a real run).
     """
     ledger = WorkLedger()
     phases: list[dict[str, Any]] = []
     steps, spent = 0, 0.0
     while spent < budget_seconds and (max_steps is None or steps < max_steps):
         tau = min(1.0, spent / budget_seconds)
-        layers = active_layers_at(tau) if active_layers_at else num_layers
+        layers = active_layers_at(tau, steps) if active_layers_at else num_layers
+        name = phase_at(tau) if phase_at else f"{layers} layer{'s' if layers != 1 else ''}"
         before = spent
         for _ in range(micro_batches_per_step):
             ledger.charge_fwd_bwd(layers, micro_batch_size)
         ledger.charge_optimizer_step(optimizer_name)
         spent = table.seconds(ledger)
         steps += 1
-        if not phases or phases[-1]["active_layers"] != layers:
-            phases.append({"active_layers": layers, "tau_start": tau, "optimizer_steps": 0, "rst_seconds": 0.0})
+        if not phases or phases[-1]["phase"] != name:
+            phases.append({"phase": name, "tau_start": tau, "optimizer_steps": 0, "rst_seconds": 0.0, "_layers": 0})
         phases[-1]["optimizer_steps"] += 1
         phases[-1]["rst_seconds"] += spent - before
+        phases[-1]["_layers"] += layers
     for phase in phases:
+        mean_layers = phase.pop("_layers") / phase["optimizer_steps"]
+        phase["active_layers"] = int(mean_layers) if mean_layers == int(mean_layers) else round(mean_layers, 3)
         phase["micro_batches"] = phase["optimizer_steps"] * micro_batches_per_step
         phase["tokens"] = phase["micro_batches"] * micro_batch_size * tokens_per_example
     micro_batches = steps * micro_batches_per_step
@@ -83,9 +90,14 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
     num_layers = model.num_layers
     table.check_run(micro_batch_size=datamodule.batch_size, seq_len=datamodule.seq_len, num_layers=num_layers)
     planners = [c for c in trainer.callbacks if callable(getattr(c, "planned_active_layers", None))]
-    active_layers_at = None
+    active_layers_at = phase_at = None
     if planners:
-        active_layers_at = lambda tau: planners[0].planned_active_layers(tau, num_layers)  # noqa: E731
+        planner, required = planners[0], model.required_layers()
+
+        def active_layers_at(tau: float, step: int) -> int:
+            return planner.planned_active_layers(tau, num_layers, step, required)
+
+        phase_at = getattr(planner, "planned_phase", None)
     optimizer = model.build_optimizer()
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     result = simulate(
@@ -97,6 +109,7 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
         optimizer_name=type(optimizer).__name__,
         num_layers=num_layers,
         active_layers_at=active_layers_at,
+        phase_at=phase_at,
         max_steps=max_steps,
     )
     result["table"] = table.path
