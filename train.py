@@ -131,6 +131,8 @@ PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command}
 def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # the training stream shards its batches across workers itself (datamodules/streams.py)
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if argv and argv[0] in PROJECT_COMMANDS:

@@ -319,3 +319,24 @@ def test_paper_scale_dropping_plan_runs_about_a_third_more_steps(capsys):
     # baseline 7,990 steps at 16 layers; dropping averages about 11.8 layers: about 1.33x the steps (PAPER.md 1.6)
     assert 1.30 < plan["optimizer_steps"] / 7990 < 1.36
     assert 11.6 < plan["phases"][0]["active_layers"] < 12.0
+
+
+def test_optional_residual_rescaling_divides_the_branch_by_the_keep_probability():
+    torch.manual_seed(0)
+    model = BertMLM(**tiny_bert_args(num_layers=4))
+    dropping = LayerDropping(gamma_f=100.0, theta_bar=0.5, rescale_residual=True)
+
+    class Fake:
+        callbacks, world_size, strategy = [dropping], 1, None
+
+    dropping.setup(Fake(), model, "fit")  # registers the hooks
+    dropping._theta = 0.5  # saturated: layer i of 4 is kept with probability 1 - 0.5 i / 4; the last 0.5
+    layer, hidden = model.layer_stacks()[0][3], torch.randn(2, 8, 32)
+    model.train()
+    rescaled = layer(hidden)
+    model.eval()
+    plain = layer(hidden)  # no rescaling in evaluation (and dropout is 0, so the layer is the same)
+    torch.testing.assert_close(rescaled, hidden + (plain - hidden) / 0.5)
+    dropping.teardown(Fake(), model, "fit")
+    model.train()
+    torch.testing.assert_close(layer(hidden), plain)  # hooks removed
