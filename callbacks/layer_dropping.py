@@ -76,6 +76,8 @@ class LayerDropping(Callback):
         seed: seed of the per-step draws (the same on every rank).
     """
 
+    transient_layer_selection = True  # checkpoints store all layers: the draw is not part of the model
+
     def __init__(self, gamma_f: float = 100.0, theta_bar: float = 0.5, rescale_residual: bool = False, seed: int = 0):
         super().__init__()
         if gamma_f < 0:
@@ -121,8 +123,8 @@ class LayerDropping(Callback):
 
     def _rescale_hook(self, pl_module: L.LightningModule, index: int):
         def hook(module, args, output):
-            if not pl_module.training or self._theta >= 1.0:
-                return output
+            if not pl_module.training or self._theta >= 1.0 or index in pl_module.required_layers():
+                return output  # evaluation, nothing dropped yet, or a layer that is never dropped
             keep = 1.0 - drop_probabilities(self._theta, pl_module.num_layers)[index]
             hidden_in = args[0]
             hidden_out = output[0] if isinstance(output, tuple) else output

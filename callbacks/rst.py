@@ -260,8 +260,9 @@ class RSTBudget(Callback):
         return self._spent
 
     def _local_seconds(self, pl_module: L.LightningModule) -> float:
-        if self.mode == "wall":
-            return self._wall_train
+        if self.mode == "wall":  # the measured batches, and the one in progress (the LR schedule syncs mid-batch)
+            running = time.monotonic() - self._batch_start if self._batch_start is not None else 0.0
+            return self._wall_train + running
         world_size = pl_module.trainer.world_size if pl_module._trainer is not None else 1
         return self.table.seconds(pl_module.work_ledger, optimizer_share=1.0 / world_size)
 
@@ -270,7 +271,8 @@ class RSTBudget(Callback):
         if self._synced_step == trainer.global_step:
             return
         local = self._local_seconds(pl_module) - (self._baseline or 0.0)
-        value = torch.tensor(local, dtype=torch.float64, device=pl_module.device)
+        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
+        value = torch.tensor(local, dtype=dtype, device=pl_module.device)
         reduce_op = "max" if self.mode == "wall" else "sum"  # wall: ranks run in lockstep; table: all work counts
         value = trainer.strategy.reduce(value, reduce_op=reduce_op)
         self._spent = self._offset + float(value)
@@ -290,7 +292,9 @@ class RSTBudget(Callback):
                 num_layers=getattr(pl_module, "num_layers", 1),
             )
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning restored the loops, the ledger and this callback (resume): start counting here
+        self._batch_start = None
         self._baseline = self._local_seconds(pl_module)
         self._checked_step = trainer.global_step
         self._fit_start = time.monotonic()

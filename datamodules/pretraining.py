@@ -367,27 +367,19 @@ class PretrainingDataModule(L.LightningDataModule):
         stream = SequentialTrainingStream(
             self.train_dataset,
             self.batch_size,
-            start_batch=self._resume_batches(),
-            pass_index=trainer.current_epoch if trainer is not None else 0,
+            batches_multiple_of=trainer.accumulate_grad_batches if trainer is not None else 1,
         )
         return ResumableLoader(
             stream,
+            position=self._batches_consumed if trainer is not None else None,
             batch_size=self.batch_size,
             collate_fn=self.make_collator(fixed=False),
             num_workers=self.num_workers,
         )
 
-    def _resume_batches(self) -> int:
-        """Batches of the current pass already trained on, when Lightning resumes from a checkpoint."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        try:
-            loop = trainer.fit_loop
-            # "processed": a checkpoint written in on_train_batch_end has processed the batch, not yet completed it
-            return int(loop.epoch_loop.batch_progress.current.processed) if loop.restarting else 0
-        except AttributeError:  # another Lightning version: resume from the start of the pass
-            return 0
+    def _batches_consumed(self) -> int:
+        """Training batches this rank has consumed since the run began (restored when Lightning resumes)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

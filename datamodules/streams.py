@@ -5,9 +5,11 @@ order is an ``IterableDataset`` so that:
 
 - every rank of a DDP run reads a disjoint, deterministic share (rank-batch ``j`` of rank ``r`` is
   global batch ``j * world + r``), the same whatever the number of dataloader workers;
-- a run resumed from a checkpoint taken in the middle of a pass over the data continues with the
-  next unseen batch, so its losses equal those of an uninterrupted run (a plain ``DataLoader``
-  would restart the pass from the beginning).
+- a pass holds a whole number of optimizer steps (``batches_multiple_of`` = gradient accumulation):
+  every optimizer step trains on the same number of micro-batches, as ``train.py plan`` assumes;
+- a run resumed from a checkpoint taken in the middle of a pass continues with the next unseen
+  batch, so its losses equal those of an uninterrupted run (a plain ``DataLoader`` would restart
+  the pass from the beginning).
 """
 
 from __future__ import annotations
@@ -30,57 +32,77 @@ class SequentialTrainingStream(IterableDataset):
     Args:
         dataset: a map-style dataset of packed examples.
         batch_size: examples per rank-batch (the DataLoader's batch size).
-        start_batch: rank-batch index at which the next pass starts (then 0 for later passes).
-        pass_index: number of the first pass (each example carries its pass number, so training masks
-            differ from pass to pass but not from run to run).
+        batches_multiple_of: a pass holds a multiple of this many rank-batches (gradient accumulation).
+
+    ``start_batch`` (where the next pass starts) and ``pass_offset`` (its number; each example carries
+    it, so training masks differ from pass to pass but not from run to run) are set by the loader.
     """
 
-    def __init__(self, dataset, batch_size: int, start_batch: int = 0, pass_index: int = 0) -> None:
+    def __init__(self, dataset, batch_size: int, batches_multiple_of: int = 1) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
-        self.start_batch = start_batch
-        self.pass_offset = pass_index
+        self.start_batch = 0
+        self.pass_offset = 0
+        self.batches_multiple_of = max(1, batches_multiple_of)
+        self.rank, self.world = _rank_and_world()
+
+    def capture_rank(self) -> None:
+        """Record rank and world size in the main process: worker processes may not see the process group."""
+        self.rank, self.world = _rank_and_world()
 
     def batches_per_pass(self) -> int:
-        """Full rank-batches in one pass over the data (the tail that fills no batch on every rank is dropped)."""
-        _, world = _rank_and_world()
-        return len(self.dataset) // (self.batch_size * world)
+        """Rank-batches in one pass: full batches on every rank, a whole number of optimizer steps."""
+        batches = len(self.dataset) // (self.batch_size * self.world)
+        return batches // self.batches_multiple_of * self.batches_multiple_of
 
     def __len__(self) -> int:
         return self.batches_per_pass() * self.batch_size
 
     def __iter__(self):
         # read the offsets now, not lazily in the generator: the loader resets them right after iter()
-        per_pass = max(self.batches_per_pass(), 1)
-        pass_index, start = divmod(self.start_batch, per_pass)
-        self.start_batch = 0
-        return self._examples(start, self.pass_offset + pass_index)
+        start, self.start_batch = self.start_batch, 0
+        return self._examples(start, self.pass_offset)
 
     def _examples(self, start: int, pass_index: int):
-        rank, world = _rank_and_world()
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for batch in range(start, self.batches_per_pass()):
             if (batch - start) % num_workers != worker_id:
                 continue  # the DataLoader takes batches from its workers in turn
-            first = (batch * world + rank) * self.batch_size
+            first = (batch * self.world + self.rank) * self.batch_size
             rows = self.dataset[first : first + self.batch_size]
             for i in range(self.batch_size):
                 yield {**{key: values[i] for key, values in rows.items()}, "pass_index": pass_index}
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over a ``SequentialTrainingStream``: numbers the passes, applies a resume offset once.
+    """A DataLoader over a ``SequentialTrainingStream`` that starts each pass where training stands.
 
-    Each ``iter()`` is one pass (one Lightning epoch); the pass number is counted here, in the main
-    process, because worker processes work on copies of the stream.
+    Args:
+        stream: the ``SequentialTrainingStream``.
+        position: returns how many rank-batches training has consumed so far (Lightning's
+            ``batch_progress.total.processed``, restored from a checkpoint on resume). Each ``iter()``
+            starts at that position's pass and batch, so a resumed run, even one Lightning restarts
+            at the end of an epoch, reads exactly what an uninterrupted run would. Without it, passes
+            run from the start, numbered 0, 1, 2, ...
+        **kwargs: ``DataLoader`` arguments.
+
+    Pass numbers, offsets and the rank are settled here, in the main process, because worker
+    processes work on copies of the stream.
     """
+
+    def __init__(self, stream: SequentialTrainingStream, position=None, **kwargs) -> None:
+        super().__init__(stream, **kwargs)
+        self.position = position
+        self._next_position = 0
 
     def __iter__(self):
         stream = self.dataset
-        next_pass = getattr(self, "_next_pass", stream.pass_offset)
-        stream.pass_offset = next_pass
-        self._next_pass = next_pass + 1
+        stream.capture_rank()
+        per_pass = max(stream.batches_per_pass(), 1)
+        position = self.position() if self.position is not None else self._next_position
+        stream.pass_offset, stream.start_batch = divmod(position, per_pass)
+        self._next_position = (stream.pass_offset + 1) * per_pass
         iterator = super().__iter__()  # workers (if any) have copied the stream by now
         stream.start_batch = 0
         return iterator

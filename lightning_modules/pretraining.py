@@ -171,7 +171,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
     # ----- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["work_ledger"] = self.work_ledger.state_dict()
-        checkpoint["active_layers"] = list(self.active_layers)
+        # a depth that persists (stacking) is part of the model; a per-step random draw (dropping) is not
+        transient = self._trainer is not None and any(
+            getattr(c, "transient_layer_selection", False) for c in self._trainer.callbacks
+        )
+        checkpoint["active_layers"] = None if transient else list(self.active_layers)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.work_ledger.load_state_dict(checkpoint.get("work_ledger", {}))

@@ -314,3 +314,16 @@ def test_the_demo_config_runs_on_its_rst_budget(capsys):
     table = CostTable.load(ROOT / "configs/rst/bert-demo-cpu.json")
     per_step = table.fwd_bwd(4) + table.optimizer_step("AdamW")
     assert plan["optimizer_steps"] == math.ceil(150 / per_step)
+
+
+def test_a_resume_just_before_the_budget_ends_stops_at_the_same_step(corpus_file, tmp_path, capsys):
+    table = _table(**TINY_TABLE)  # 2.25 s per optimizer step of 2 micro-batches
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full_dir.mkdir()
+    resumed_dir.mkdir()
+    config = _write_budget_config(full_dir, "7s", table, every=3)
+    _fit_with_budget(corpus_file, full_dir, config)
+    checkpoint = full_dir / "bert-demo" / "version_0" / "checkpoints" / "step=3.ckpt"  # 6.75 s spent
+    _fit_with_budget(corpus_file, resumed_dir, config, "--ckpt_path", str(checkpoint))
+    out = capsys.readouterr().out
+    assert out.count("spent at optimizer step 4 (RST 9.000 s") == 2, out
