@@ -1,0 +1,1 @@
+"""Lightning callbacks and the RST clock: work ledger, cost tables, budget, plan/calibrate, layer stacking and dropping."""
