@@ -89,6 +89,7 @@ class LayerDropping(Callback):
         self.rescale_residual = rescale_residual
         self.seed = seed
         self._theta = 1.0
+        self._keep: list[float] = []  # per-layer keep probabilities of the current step (rescaling)
         self._checked_step = -1
         self._training_selection: tuple[int, ...] | None = None
         self._hooks: list = []
@@ -123,9 +124,9 @@ class LayerDropping(Callback):
 
     def _rescale_hook(self, pl_module: L.LightningModule, index: int):
         def hook(module, args, output):
-            if not pl_module.training or self._theta >= 1.0 or index in pl_module.required_layers():
+            keep = self._keep[index] if self._keep else 1.0
+            if not pl_module.training or keep >= 1.0:
                 return output  # evaluation, nothing dropped yet, or a layer that is never dropped
-            keep = 1.0 - drop_probabilities(self._theta, pl_module.num_layers)[index]
             hidden_in = args[0]
             hidden_out = output[0] if isinstance(output, tuple) else output
             rescaled = hidden_in + (hidden_out - hidden_in) / keep
@@ -142,6 +143,7 @@ class LayerDropping(Callback):
         self._checked_step = trainer.global_step
         tau = pl_module.budget_progress()
         self._theta = keep_level(tau, self.gamma_f, self.theta_bar)
+        self._set_keep_probabilities(pl_module)
         active = self.draw(tau, trainer.global_step, pl_module.num_layers, pl_module.required_layers())
         pl_module.set_active_layers(active)
         pl_module.log_dict(
@@ -149,6 +151,11 @@ class LayerDropping(Callback):
             on_step=True,
             on_epoch=False,
         )
+
+    def _set_keep_probabilities(self, pl_module: L.LightningModule) -> None:
+        required = set(pl_module.required_layers())
+        drops = drop_probabilities(self._theta, pl_module.num_layers)
+        self._keep = [1.0 if i in required else 1.0 - p for i, p in enumerate(drops)]
 
     def _all_layers(self, pl_module: L.LightningModule) -> None:
         self._training_selection = pl_module.active_layers

@@ -200,9 +200,6 @@ def calibrate(
     f_rounds: dict[int, list[float]] = {k: [] for k in depths}
     opt_rounds: list[float] = []
 
-    def step() -> None:
-        optimizer.step()
-
     # Rounds interleave the depths, so a passing slowdown of the machine hits one round of every
     # depth rather than all iterations of one; each entry is the fastest round's median.
     for round_index in range(rounds):
@@ -212,7 +209,7 @@ def calibrate(
             f_rounds[k].append(_median_seconds(fwd, device, warmup, iterations))
         model.set_active_layers(None)
         fwd_bwd()  # gradients for every parameter, so the step touches all state
-        opt_rounds.append(_median_seconds(step, device, warmup, iterations))
+        opt_rounds.append(_median_seconds(optimizer.step, device, warmup, iterations))
         progress(f"  round {round_index + 1}/{rounds} done")
     fb_seconds = [min(fb_rounds[k]) for k in depths]
     f_seconds = [min(f_rounds[k]) for k in depths]

@@ -39,6 +39,7 @@ __all__ = [
     "default_cache_dir",
     "fetch_embedded_corpus",
     "load_documents",
+    "source_fingerprint",
 ]
 
 SOURCES = ("news", "news-tiny", "files", "hub")
@@ -222,6 +223,36 @@ def _select_text(dataset, text_column: str, what: str):
     return dataset
 
 
+def source_fingerprint(
+    source: str,
+    *,
+    data_files: str | list[str] | None = None,
+    text_column: str = "text",
+    text_sample_by: str = "paragraph",
+    hub_name: str | None = None,
+    hub_config: str | None = None,
+    hub_split: str = "train",
+    hub_data_files: str | list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything about a source that changes its documents, without reading them (a cache key part)."""
+    if source in EMBEDDED_CORPORA:
+        return {"source": source, "wheel_sha256": EMBEDDED_CORPORA[source].wheel_sha256, "clean": 1}
+    if source == "files":
+        files = resolve_data_files(data_files)
+        stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+        return {"source": source, "files": stats, "column": text_column, "sample_by": text_sample_by}
+    if source == "hub":
+        return {
+            "source": source,
+            "name": hub_name,
+            "config": hub_config,
+            "split": hub_split,
+            "data_files": hub_data_files,
+            "column": text_column,
+        }
+    raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
+
+
 def load_documents(
     source: str,
     *,
@@ -241,16 +272,21 @@ def load_documents(
     """
     import datasets
 
+    fingerprint = source_fingerprint(
+        source,
+        data_files=data_files,
+        text_column=text_column,
+        text_sample_by=text_sample_by,
+        hub_name=hub_name,
+        hub_config=hub_config,
+        hub_split=hub_split,
+        hub_data_files=hub_data_files,
+    )
     if source in EMBEDDED_CORPORA:
-        corpus = EMBEDDED_CORPORA[source]
         dataset = datasets.Dataset.from_dict({"text": _read_embedded(source, cache_dir)})
-        fingerprint: dict[str, Any] = {"source": source, "wheel_sha256": corpus.wheel_sha256, "clean": 1}
     elif source == "files":
-        files = resolve_data_files(data_files)
-        dataset = _load_files(files, text_column, text_sample_by, cache_dir)
-        stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-        fingerprint = {"source": source, "files": stats, "column": text_column, "sample_by": text_sample_by}
-    elif source == "hub":
+        dataset = _load_files(resolve_data_files(data_files), text_column, text_sample_by, cache_dir)
+    else:  # hub
         if not hub_name:
             raise UserError("data.source=hub needs data.hub_name, e.g. allenai/c4")
         try:
@@ -267,17 +303,7 @@ def load_documents(
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             ) from error
         dataset = _select_text(dataset, text_column, f"hub dataset {hub_name!r}")
-        fingerprint = {
-            "source": source,
-            "name": hub_name,
-            "config": hub_config,
-            "split": hub_split,
-            "data_files": hub_data_files,
-            "column": text_column,
-            "fingerprint": getattr(dataset, "_fingerprint", None),
-        }
-    else:
-        raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
+        fingerprint["fingerprint"] = getattr(dataset, "_fingerprint", None)
 
     if max_documents is not None:
         dataset = dataset.select(range(min(max_documents, len(dataset))))

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.collators import MLMCollator, SpanCorruptionCollator, span_corruption_lengths
-from datamodules.corpora import EMBEDDED_CORPORA, SOURCES, default_cache_dir, load_documents, remove_tree
+from datamodules.corpora import SOURCES, default_cache_dir, load_documents, remove_tree, source_fingerprint
 from datamodules.packing import (
     BERT_SPECIAL_TOKENS,
     T5_SENTINELS,
@@ -168,22 +168,16 @@ class PretrainingDataModule(L.LightningDataModule):
     # ----- cache --------------------------------------------------------------------------------
     def source_fingerprint(self) -> dict[str, Any]:
         """Everything about the source that changes its documents, without reading them."""
-        if self.source in EMBEDDED_CORPORA:
-            return {"source": self.source, "wheel_sha256": EMBEDDED_CORPORA[self.source].wheel_sha256, "clean": 1}
-        if self.source == "files":
-            from datamodules.corpora import resolve_data_files
-
-            files = resolve_data_files(self.data_files)
-            stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-            return {"source": "files", "files": stats, "column": self.text_column, "by": self.text_sample_by}
-        return {
-            "source": "hub",
-            "name": self.hub_name,
-            "config": self.hub_config,
-            "split": self.hub_split,
-            "data_files": self.hub_data_files,
-            "column": self.text_column,
-        }
+        return source_fingerprint(
+            self.source,
+            data_files=self.data_files,
+            text_column=self.text_column,
+            text_sample_by=self.text_sample_by,
+            hub_name=self.hub_name,
+            hub_config=self.hub_config,
+            hub_split=self.hub_split,
+            hub_data_files=self.hub_data_files,
+        )
 
     def cache_key(self) -> str:
         settings = {

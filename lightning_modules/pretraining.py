@@ -84,8 +84,9 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
     def default_weight_decay(self) -> float:
         return 0.0
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Return the mean loss over the batch's target tokens and the number of target tokens."""
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """Return the mean loss over the batch's target tokens and their number (an int or a 0-d tensor,
+        read only in validation, so training steps never wait for the device)."""
         raise NotImplementedError
 
     def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,24 +100,25 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
 
     # ----- budget progress ----------------------------------------------------------------------
-    def budget_progress(self) -> float:
-        """tau in [0, 1]: from a budget callback exposing ``progress()``, else ``global_step / max_steps``."""
+    def budget_clock(self):
+        """The callback that measures budget progress (``RSTBudget``), or ``None`` with a step budget."""
         trainer = self._trainer
         if trainer is None:
-            return 0.0
-        for callback in trainer.callbacks:
-            progress = getattr(callback, "budget_progress", None)
-            if callable(progress):
-                return float(progress())
-        if trainer.max_steps and trainer.max_steps > 0:
+            return None
+        return next((c for c in trainer.callbacks if callable(getattr(c, "budget_progress", None))), None)
+
+    def budget_progress(self) -> float:
+        """tau in [0, 1]: from the budget clock, else ``global_step / max_steps``."""
+        clock = self.budget_clock()
+        if clock is not None:
+            return float(clock.budget_progress())
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
             return min(1.0, trainer.global_step / trainer.max_steps)
         return 0.0
 
     def _has_budget(self) -> bool:
-        trainer = self._trainer
-        if any(callable(getattr(c, "budget_progress", None)) for c in trainer.callbacks):
-            return True
-        return bool(trainer.max_steps and trainer.max_steps > 0)
+        return self.budget_clock() is not None or bool(self.trainer.max_steps and self.trainer.max_steps > 0)
 
     # ----- optimization -------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -139,10 +141,9 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """Bring the budget clock up to date (a collective, on every rank alike) before the schedule reads tau."""
-        for callback in self.trainer.callbacks:
-            sync = getattr(callback, "sync", None)
-            if callable(sync) and callable(getattr(callback, "budget_progress", None)):
-                sync(self.trainer, self)
+        clock = self.budget_clock()
+        if clock is not None and callable(getattr(clock, "sync", None)):
+            clock.sync(self.trainer, self)
         super().lr_scheduler_step(scheduler, metric)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -162,7 +163,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=max(targets, 1))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=max(int(targets), 1))
         return loss
 
     def on_validation_epoch_start(self) -> None:

@@ -134,10 +134,17 @@ class T5SpanCorruption(PretrainingModule):
         with self.running_active_layers():
             return self.model(input_ids=input_ids, labels=labels, use_cache=False).logits
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of every target token ``(B, T_target)``; 0 where the label is ignored."""
         logits = self(batch["input_ids"], batch["labels"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-        return loss, int((batch["labels"] != IGNORE_INDEX).sum())
+        labels = batch["labels"]
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        counted = (batch["labels"] != IGNORE_INDEX).sum()
+        return self.token_losses(batch).sum() / counted.clamp(min=1), counted
 
     @torch.no_grad()
     def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -145,12 +152,7 @@ class T5SpanCorruption(PretrainingModule):
         was_training = self.training
         self.eval()
         try:
-            logits = self(batch["input_ids"], batch["labels"])
-            labels = batch["labels"]
-            token_loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            ).view_as(labels)
-            counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
-            return token_loss.sum(1) / counts
+            counts = (batch["labels"] != IGNORE_INDEX).sum(1).clamp(min=1)
+            return self.token_losses(batch).sum(1) / counts
         finally:
             self.train(was_training)

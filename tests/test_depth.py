@@ -347,6 +347,7 @@ def test_optional_residual_rescaling_divides_the_branch_by_the_keep_probability(
 
     dropping.setup(Fake(), model, "fit")  # registers the hooks
     dropping._theta = 0.5  # saturated: layer i of 4 is kept with probability 1 - 0.5 i / 4; the last 0.5
+    dropping._set_keep_probabilities(model)
     layer, hidden = model.layer_stacks()[0][3], torch.randn(2, 8, 32)
     model.train()
     rescaled = layer(hidden)
