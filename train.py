@@ -139,12 +139,22 @@ def main(args: list[str] | None = None) -> None:
             PROJECT_COMMANDS[argv[0]](argv[1:])
         else:
             PretrainingCLI(save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=argv)
+            _close_process_group()
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _close_process_group() -> None:
+    """Shut a DDP process group down before the interpreter exits: gloo aborts the process otherwise, now and then."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def find_user_error(error: BaseException | None) -> UserError | None:
