@@ -1,13 +1,14 @@
 """Entry point: ``python train.py {fit,validate,test,plan,calibrate} --config CFG``.
 
 ``fit``/``validate``/``test`` go through LightningCLI; ``plan`` and ``calibrate`` are this project's
-commands for the RST budget (``callbacks/rst_tools.py``).
+commands for the RST budget (``core/planning.py``, ``core/calibration.py``).
 
 Every option of the model, the datamodule, the trainer and the callbacks is a typed ``__init__``
 argument, overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the
 whole resolved configuration. The datamodule's vocabulary size and sequence length are linked into
 the model. After ``fit`` the CLI evaluates the final model on the validation split and prints a
-one-line summary: steps, tokens, final validation loss, where the logs and the checkpoint are.
+one-line summary: steps, tokens, final validation loss next to the unigram entropy of the targets
+(what predicting token frequencies alone would score), where the logs and the checkpoint are.
 
 Problems with the user's input (``UserError``) end the program with one line on stderr and exit
 status 2, before any training.
@@ -28,7 +29,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from lightning_modules.errors import UserError  # noqa: E402
+from core.errors import UserError  # noqa: E402
 
 
 class PretrainingCLI(LightningCLI):
@@ -48,13 +49,16 @@ class PretrainingCLI(LightningCLI):
 
 
 def run_summary(trainer, model, datamodule, val_loss) -> str:
-    """One line: optimizer steps, tokens trained on, final validation loss, log and checkpoint paths."""
-    ledger = getattr(model, "work_ledger", None)
-    examples = ledger.examples("fwd_bwd") * trainer.world_size if ledger is not None else 0
-    tokens = int(examples * getattr(datamodule, "tokens_per_sequence", 0))
+    """One line: optimizer steps, tokens trained on, final validation loss against the unigram entropy of
+    the targets, log and checkpoint paths."""
+    examples = model.work_done(trainer.world_size).examples("fwd_bwd")
+    tokens = int(examples * datamodule.tokens_per_sequence)
     log_dir = trainer.log_dir or "(no logger)"
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     loss = f"{val_loss:.4f}" if val_loss is not None else "n/a"
+    entropy = datamodule.target_unigram_entropy
+    if entropy is not None:
+        loss += f" (unigram entropy of this corpus {entropy:.4f})"
     return (
         f"done: {trainer.global_step} steps, {tokens:,} tokens, final val/loss {loss}; "
         f"TensorBoard logs: {log_dir} (tensorboard --logdir {os.path.dirname(log_dir) or log_dir}); "
@@ -62,9 +66,15 @@ def run_summary(trainer, model, datamodule, val_loss) -> str:
     )
 
 
-def _configured(cli_args: list[str]):
-    """Instantiate trainer, model and datamodule from a config without running anything."""
-    with contextlib.redirect_stdout(sys.stderr):
+def _configured(cli_args: list[str], device: str | None = None):
+    """Instantiate trainer, model and datamodule from a config without running anything.
+
+    ``device="meta"`` builds the model's tensors without memory or initialisation (``plan`` reads
+    only the model's shape and optimizer), so planning a paper-scale model takes a moment.
+    """
+    import torch
+
+    with contextlib.redirect_stdout(sys.stderr), torch.device(device) if device else contextlib.nullcontext():
         cli = PretrainingCLI(auto_configure_optimizers=False, args=cli_args, run=False)
     return cli.trainer, cli.model, cli.datamodule
 
@@ -77,14 +87,15 @@ def _budget_callback(trainer):
 
 def plan_command(argv: list[str]) -> None:
     """``train.py plan --config CFG [--table FILE] [--budget DURATION] [overrides]``: print the plan as JSON."""
-    from callbacks.rst import CostTable, parse_duration
-    from callbacks.rst_tools import plan_run
+    from core.cost_table import CostTable
+    from core.durations import parse_duration
+    from core.planning import plan_run
 
     parser = argparse.ArgumentParser(prog="train.py plan", description=plan_command.__doc__)
     parser.add_argument("--table", help="RST cost table (default: the config's RSTBudget table)")
     parser.add_argument("--budget", help="RST budget, e.g. 90s, 30m, 24h (default: the config's RSTBudget)")
     known, rest = parser.parse_known_args(argv)
-    trainer, model, datamodule = _configured(rest)
+    trainer, model, datamodule = _configured(rest, device="meta")
     budget = _budget_callback(trainer)
     if known.table:
         table = CostTable.load(known.table)
@@ -103,7 +114,7 @@ def plan_command(argv: list[str]) -> None:
 
 def calibrate_command(argv: list[str]) -> None:
     """``train.py calibrate --config CFG --output FILE [--warmup N --iterations N --rounds N]``: measure a table."""
-    from callbacks.rst_tools import calibrate
+    from core.calibration import calibrate
 
     parser = argparse.ArgumentParser(prog="train.py calibrate", description=calibrate_command.__doc__)
     parser.add_argument("--output", required=True, help="where to write the table (JSON, written atomically)")
@@ -117,7 +128,14 @@ def calibrate_command(argv: list[str]) -> None:
     print(f"Calibrating {type(model).__name__} ({model.num_layers} layers), micro-batch {datamodule.batch_size} "
           f"x {datamodule.seq_len} tokens, precision {trainer.precision}, on {trainer.strategy.root_device}:")
     table = calibrate(
-        trainer, model, datamodule, warmup=known.warmup, iterations=known.iterations, rounds=known.rounds
+        model,
+        datamodule.synthetic_batch(datamodule.batch_size),
+        device=trainer.strategy.root_device,
+        precision=str(trainer.precision),
+        seq_len=datamodule.seq_len,
+        warmup=known.warmup,
+        iterations=known.iterations,
+        rounds=known.rounds,
     )
     table.save(known.output)
     full = table.fwd_bwd_seconds[-1]

@@ -1,27 +1,27 @@
-"""Checks shared by the callbacks that change which layers run (stacking, dropping)."""
+"""Checks shared by the callbacks that change which layers run (stacking, dropping): ``DepthSchedule``s."""
 
 from __future__ import annotations
 
 import lightning as L
 
-from lightning_modules.errors import UserError
+from core.contracts import DepthSchedule, LayerControl
+from core.errors import UserError
 
-__all__ = ["check_depth_callback"]
-
-DEPTH_CALLBACKS = ("LayerStacking", "LayerDropping")
+__all__ = ["check_depth_schedule"]
 
 
-def check_depth_callback(name: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """Fail at start-up when a depth-changing callback cannot work in this run.
+def check_depth_schedule(schedule: DepthSchedule, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Fail at start-up when a depth schedule cannot work in this run.
 
-    - the module must offer layer control (DESIGN.md 1);
-    - stacking and dropping cannot be combined: both decide the active layers;
+    - the module must offer layer control (``core.contracts.LayerControl``);
+    - at most one ``DepthSchedule`` per run (stacking and dropping both decide the active layers);
     - under DDP the inactive layers get no gradient, so DDP must look for unused parameters
       (``strategy: ddp_find_unused_parameters_true``), else its gradient reduction waits forever.
     """
-    if not callable(getattr(pl_module, "set_active_layers", None)):
+    name = type(schedule).__name__
+    if not isinstance(pl_module, LayerControl):
         raise UserError(f"{name} needs a module with layer control; {type(pl_module).__name__} has none")
-    others = sorted({type(c).__name__ for c in trainer.callbacks if type(c).__name__ in DEPTH_CALLBACKS} - {name})
+    others = sorted({type(c).__name__ for c in trainer.callbacks if isinstance(c, DepthSchedule) and c is not schedule})
     if others:
         raise UserError(
             f"{name} cannot be combined with {', '.join(others)}: both decide which layers run; "

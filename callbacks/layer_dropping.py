@@ -2,7 +2,7 @@
 
 Zhang and He 2020 ("Accelerating Training of Transformer-Based Language Models with Progressive
 Layer Dropping", arXiv:2010.13369), as No Train No Gain uses it (Kaddour et al. 2023, section 4.2,
-PAPER.md 2.4). With budget progress tau:
+docs/paper.md). With budget progress tau:
 
     keep level      theta(tau) = theta_bar + (1 - theta_bar) exp(-gamma_f tau)
     drop layer i    with probability p_i = (1 - theta(tau)) i / L,   i = 1..L (deeper: more often)
@@ -27,8 +27,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.architecture import check_depth_callback
-from lightning_modules.errors import UserError
+from callbacks.architecture import check_depth_schedule
+from core.contracts import DepthSchedule
+from core.errors import UserError
 
 __all__ = ["LayerDropping", "drop_probabilities", "expected_active_layers", "keep_level", "sample_active_layers"]
 
@@ -65,7 +66,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-class LayerDropping(Callback):
+class LayerDropping(Callback, DepthSchedule):
     """Progressive layer dropping with the paper's keep schedule and depth rule.
 
     Args:
@@ -76,7 +77,7 @@ class LayerDropping(Callback):
         seed: seed of the per-step draws (the same on every rank).
     """
 
-    transient_layer_selection = True  # checkpoints store all layers: the draw is not part of the model
+    depth_is_persistent = False  # checkpoints store all layers: the per-step draw is not part of the model
 
     def __init__(self, gamma_f: float = 100.0, theta_bar: float = 0.5, rescale_residual: bool = False, seed: int = 0):
         super().__init__()
@@ -110,7 +111,7 @@ class LayerDropping(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_depth_callback(type(self).__name__, trainer, pl_module)
+        check_depth_schedule(self, trainer, pl_module)
         if self.rescale_residual and not self._hooks:
             for stack in pl_module.layer_stacks():
                 for index, layer in enumerate(stack):

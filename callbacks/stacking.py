@@ -1,7 +1,7 @@
 """Layer stacking: train a shallow model, then double its depth by copying its layers.
 
 Gong et al. 2019 ("Efficient Training of BERT by Progressively Stacking"), as No Train No Gain uses
-it (Kaddour et al. 2023, section 4.1, PAPER.md 2.3): start with ``initial_layers`` of the L allocated
+it (Kaddour et al. 2023, section 4.1 and appendix C.1; docs/paper.md): start with ``initial_layers`` of the L allocated
 layers active; when budget progress tau reaches each of ``fractions`` (paper: 0.125 and 0.3), copy
 layers ``0..n-1`` onto ``n..2n-1`` and run ``2n`` (BERT 4 -> 8 -> 16, T5 3 -> 6 -> 12 in the encoder
 and the decoder alike). The learning-rate schedule runs on uninterrupted. New layers start with
@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from callbacks.architecture import check_depth_callback
-from lightning_modules.errors import UserError
+from callbacks.architecture import check_depth_schedule
+from core.contracts import DepthSchedule
+from core.errors import UserError
 
 __all__ = ["LayerStacking", "copy_layer", "copy_optimizer_state", "depth_at"]
 
@@ -68,7 +69,7 @@ def copy_optimizer_state(optimizer: torch.optim.Optimizer, pairs: Sequence[tuple
     return copied
 
 
-class LayerStacking(Callback):
+class LayerStacking(Callback, DepthSchedule):
     """Progressive stacking: double the active depth at budget fractions by copying layers.
 
     Args:
@@ -104,11 +105,6 @@ class LayerStacking(Callback):
     def final_layers(self) -> int:
         return self.initial_layers * 2 ** len(self.fractions)
 
-    @property
-    def depth(self) -> int:
-        """Layers active now."""
-        return self._depth
-
     def planned_active_layers(self, tau: float, num_layers: int, step: int = 0, required: Sequence[int] = ()) -> int:
         """For ``train.py plan``: the depth at budget progress ``tau``."""
         return depth_at(tau, self.initial_layers, self.fractions)
@@ -117,7 +113,7 @@ class LayerStacking(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_depth_callback(type(self).__name__, trainer, pl_module)
+        check_depth_schedule(self, trainer, pl_module)
         if self.final_layers != pl_module.num_layers:
             raise UserError(
                 f"LayerStacking grows {self.initial_layers} layers to {self.final_layers} in {len(self.fractions)} "

@@ -1,6 +1,8 @@
-"""Pre-training and downstream data: corpora, tokenizers, packing, caching, collators."""
+"""Pre-training data: corpora, tokenizers, packing, caching, the training stream, collators."""
 
 from datamodules.collators import MLMCollator, SpanCorruptionCollator
-from datamodules.pretraining import MLMDataModule, PretrainingDataModule, SpanCorruptionDataModule
+from datamodules.corpora import Corpus
+from datamodules.mlm import MLMDataModule
+from datamodules.span_corruption import SpanCorruptionDataModule
 
-__all__ = ["MLMCollator", "MLMDataModule", "PretrainingDataModule", "SpanCorruptionCollator", "SpanCorruptionDataModule"]
+__all__ = ["Corpus", "MLMCollator", "MLMDataModule", "SpanCorruptionCollator", "SpanCorruptionDataModule"]

@@ -1,18 +1,18 @@
 """Batch collators for pre-training objectives.
 
-Masked language modelling as in BERT (Devlin et al. 2019) and the paper's BERT setup (PAPER.md 2.1):
+Masked language modelling as in BERT (Devlin et al. 2019) and the paper's BERT setup (section 3):
 each non-special token is selected with probability ``mlm_probability`` (0.15); of the selected
 tokens 80 % become ``[MASK]``, 10 % a random non-special token and 10 % stay unchanged. Labels hold
 the original token at selected positions and -100 everywhere else.
 
-Span corruption as in T5 (Raffel et al. 2020, section 3.1.4) and nanoT5 (PAPER.md 2.2): about
+Span corruption as in T5 (Raffel et al. 2020, section 3.1.4) and nanoT5 (the paper's T5, section 3): about
 ``noise_density`` of the tokens, in spans of mean length ``mean_noise_span_length``, are removed from
 the input; each span is replaced by one sentinel (``<extra_id_0>``, ``<extra_id_1>``, ... in order)
 and the target lists each sentinel followed by the tokens it replaced; both end with EOS. Raw chunks
 are sized so inputs and targets come out at exact lengths with no padding (512 -> 568 raw, 114).
 
 Validation masks are a function of ``(seed, example_id)`` only, so every evaluation of every method
-scores identical inputs (the paper re-drew them at random on every call, PAPER.md 6.1 item 9).
+scores identical inputs (the paper re-drew them at random on every call, docs/paper.md).
 Training masks are a function of ``(seed, pass, example_id)``: reproducible, independent of workers
 and threads, and the same after a resume.
 """
@@ -25,17 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.batch import EXAMPLE_ID, IGNORE_INDEX, INPUT_IDS, LABELS, PASS_INDEX
+
 __all__ = [
-    "IGNORE_INDEX",
     "MLMCollator",
     "SpanCorruptionCollator",
     "apply_mlm_masking",
     "random_spans_noise_mask",
     "span_corruption",
+    "span_corruption_counts",
     "span_corruption_lengths",
 ]
 
-IGNORE_INDEX = -100
 
 
 def example_rng(seed: int, example: dict, fixed: bool) -> np.random.Generator:
@@ -45,11 +46,11 @@ def example_rng(seed: int, example: dict, fixed: bool) -> np.random.Generator:
     when the training stream numbers its passes (so masks are reproducible and survive a resume),
     else drawn from torch's global generator.
     """
-    example_id = int(example["example_id"])
+    example_id = int(example[EXAMPLE_ID])
     if fixed:
         return np.random.default_rng([seed, example_id])
-    if "pass_index" in example:
-        return np.random.default_rng([seed, 1 + int(example["pass_index"]), example_id])
+    if PASS_INDEX in example:
+        return np.random.default_rng([seed, 1 + int(example[PASS_INDEX]), example_id])
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
@@ -127,18 +128,19 @@ class MLMCollator:
         return tuple(torch.as_tensor(np.stack(parts)) for parts in zip(*rows, strict=True))
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = torch.as_tensor(np.stack([np.asarray(e["input_ids"]) for e in examples]), dtype=torch.long)
-        example_id = torch.as_tensor([int(e["example_id"]) for e in examples], dtype=torch.long)
+        input_ids = torch.as_tensor(np.stack([np.asarray(e[INPUT_IDS]) for e in examples]), dtype=torch.long)
+        example_id = torch.as_tensor([int(e[EXAMPLE_ID]) for e in examples], dtype=torch.long)
         special = torch.isin(input_ids, torch.as_tensor(list(self.special_token_ids), dtype=torch.long))
         select, action, random_tokens = self._noise(tuple(input_ids.shape), examples)
         masked, labels = apply_mlm_masking(
             input_ids, select, action, random_tokens, special, self.mask_token_id, self.mlm_probability
         )
-        return {"input_ids": masked, "labels": labels, "example_id": example_id}
+        return {INPUT_IDS: masked, LABELS: labels, EXAMPLE_ID: example_id}
 
 
 # ----- span corruption (T5) ---------------------------------------------------------------------
-def _span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+def span_corruption_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """``(noise tokens, noise spans)`` of a raw chunk of ``length`` tokens (T5's rounding)."""
     num_noise_tokens = min(max(int(round(length * noise_density)), 1), length - 1)
     num_noise_spans = max(int(round(num_noise_tokens / mean_noise_span_length)), 1)
     return num_noise_tokens, num_noise_spans
@@ -152,7 +154,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15, mea
     """
 
     def lengths(raw: int) -> tuple[int, int]:
-        noise, spans = _span_counts(raw, noise_density, mean_noise_span_length)
+        noise, spans = span_corruption_counts(raw, noise_density, mean_noise_span_length)
         return raw - noise + spans + 1, noise + spans + 1
 
     raw = inputs_length
@@ -184,7 +186,7 @@ def random_spans_noise_mask(
     T5's ``random_spans_noise_mask``: the noise and non-noise tokens are each split into the same
     number of spans at random, and the spans interleave starting with non-noise.
     """
-    num_noise_tokens, num_noise_spans = _span_counts(length, noise_density, mean_noise_span_length)
+    num_noise_tokens, num_noise_spans = span_corruption_counts(length, noise_density, mean_noise_span_length)
     num_nonnoise_tokens = length - num_noise_tokens
 
     def random_segmentation(num_items: int, num_segments: int) -> np.ndarray:
@@ -256,7 +258,7 @@ class SpanCorruptionCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         inputs, targets = [], []
         for example in examples:
-            tokens = np.asarray(example["input_ids"], dtype=np.int64)
+            tokens = np.asarray(example[INPUT_IDS], dtype=np.int64)
             if tokens.shape[0] != self.raw_length:
                 raise ValueError(f"expected raw chunks of {self.raw_length} tokens, got {tokens.shape[0]}")
             mask = random_spans_noise_mask(
@@ -267,7 +269,7 @@ class SpanCorruptionCollator:
             inputs.append(source)
             targets.append(target)
         return {
-            "input_ids": torch.as_tensor(np.stack(inputs)),
-            "labels": torch.as_tensor(np.stack(targets)),
-            "example_id": torch.as_tensor([int(e["example_id"]) for e in examples], dtype=torch.long),
+            INPUT_IDS: torch.as_tensor(np.stack(inputs)),
+            LABELS: torch.as_tensor(np.stack(targets)),
+            EXAMPLE_ID: torch.as_tensor([int(e[EXAMPLE_ID]) for e in examples], dtype=torch.long),
         }

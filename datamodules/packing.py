@@ -1,27 +1,31 @@
-"""Tokenizer training and sequence packing: documents -> token stream -> fixed-length sequences.
+"""Sequence packing: documents -> token stream -> fixed-length sequences, and the corpus' unigram entropy.
 
-Packing follows the paper's data pipeline (PAPER.md 5.1): each document is tokenized without special
-tokens, a separator is appended, the documents of one map batch are concatenated, and the stream is
-cut into ``seq_len`` chunks; the tail of each map batch shorter than ``seq_len`` is dropped and
-counted (the *declared remainder*). No padding, no attention mask.
+Packing follows the paper's data pipeline (paper section 3; docs/paper.md, "Data"): each document is
+tokenized without special tokens and followed by a separator, the documents of one *block* of
+``block_size`` consecutive documents are concatenated, and the stream is cut into ``seq_len`` chunks;
+the tail of each block shorter than ``seq_len`` is dropped and counted (the *declared remainder*).
+No padding, no attention mask.
+
+Blocks are fixed by document index (block ``b`` holds documents ``b * block_size ...``), and each is
+packed on its own, so the packed sequences are the same whatever the number of processes
+(``num_proc``) that packs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 __all__ = [
-    "BERT_SPECIAL_TOKENS",
-    "canonical_vocabulary",
+    "entropy_nats",
+    "pack_blocks",
+    "pack_documents",
     "pack_token_stream",
-    "pack_batch",
+    "token_counts",
     "tokenize_batch",
-    "train_unigram_tokenizer",
-    "train_wordpiece_tokenizer",
 ]
-
-# Fixed order, so the ids are known before the tokenizer is trained: [PAD]=0 ... [MASK]=4.
-BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def pack_token_stream(documents: Iterable[Sequence[int]], seq_len: int, separator_id: int | None):
@@ -42,122 +46,54 @@ def pack_token_stream(documents: Iterable[Sequence[int]], seq_len: int, separato
     return chunks, len(stream) - full
 
 
-def tokenize_batch(batch: dict, tokenizer, add_special_tokens: bool = False) -> dict:
-    """``Dataset.map`` function (batched): token ids of each document, and their count."""
-    ids = tokenizer(batch["text"], add_special_tokens=add_special_tokens, return_attention_mask=False, verbose=False)[
-        "input_ids"
-    ]
-    return {"input_ids": ids, "num_tokens": [len(x) for x in ids]}
+def tokenize_batch(batch: dict, tokenizer) -> dict:
+    """``Dataset.map`` function (batched): the token ids of each document, without special tokens."""
+    ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return {"input_ids": ids}
 
 
-def pack_batch(batch: dict, seq_len: int, separator_id: int | None) -> dict:
-    """``Dataset.map`` function (batched, ``remove_columns``): pack one batch of tokenized documents."""
-    chunks, _ = pack_token_stream(batch["input_ids"], seq_len, separator_id)
+def pack_blocks(batch: dict, documents, block_size: int, seq_len: int, separator_id: int | None) -> dict:
+    """``Dataset.map`` function over a dataset of block numbers: the packed sequences of each block."""
+    chunks: list[list[int]] = []
+    for block in batch["block"]:
+        start = int(block) * block_size
+        rows = documents[start : start + block_size]["input_ids"]
+        chunks.extend(pack_token_stream(rows, seq_len, separator_id)[0])
     return {"input_ids": chunks}
 
 
-def canonical_vocabulary(vocab: dict[str, int], special_tokens: Sequence[str]) -> dict[str, int]:
-    """Renumber a trained vocabulary so that equal training data always give equal ids.
+def pack_documents(documents, seq_len: int, separator_id: int | None, block_size: int, num_proc: int | None, desc: str):
+    """Pack a tokenized ``datasets.Dataset`` (column ``input_ids``) block by block; the same at any ``num_proc``."""
+    import datasets
 
-    The ``tokenizers`` trainers number tokens in hash-map order and break ties between equally
-    frequent merges differently from process to process; the *set* of tokens is stable. WordPiece
-    encodes by greedy longest match, so ids do not change how text is split: we number the special
-    tokens first, then the alphabet (single characters) sorted, then the other tokens sorted.
+    n_blocks = math.ceil(len(documents) / block_size)
+    blocks = datasets.Dataset.from_dict({"block": list(range(n_blocks))})
+    return blocks.map(
+        pack_blocks,
+        batched=True,
+        batch_size=1,
+        fn_kwargs={"documents": documents, "block_size": block_size, "seq_len": seq_len, "separator_id": separator_id},
+        remove_columns=["block"],
+        num_proc=num_proc if num_proc and num_proc > 1 and n_blocks > 1 else None,
+        desc=desc,
+    )
+
+
+def token_counts(sequences, vocab_size: int, max_sequences: int = 100_000) -> np.ndarray:
+    """How often each token id occurs in the first ``max_sequences`` of ``sequences`` (column ``input_ids``).
+
+    The training split is shuffled, so its first sequences are a uniform sample of it.
     """
-    def is_alphabet(token: str) -> bool:
-        return len(token) == 1 or (token.startswith("##") and len(token) == 3)
-
-    rest = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1]) if t not in special_tokens]
-    alphabet = sorted(t for t in rest if is_alphabet(t))
-    merged = sorted(t for t in rest if not is_alphabet(t))
-    return {token: i for i, token in enumerate([*special_tokens, *alphabet, *merged])}
-
-
-def _text_iterator(dataset, batch_size: int = 1000) -> Iterator[list[str]]:
-    for start in range(0, len(dataset), batch_size):
-        yield dataset[start : start + batch_size]["text"]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    n = min(len(sequences), max_sequences)
+    for start in range(0, n, 10_000):
+        rows = np.asarray(sequences[start : min(start + 10_000, n)]["input_ids"], dtype=np.int64)
+        counts += np.bincount(rows.ravel(), minlength=vocab_size)[:vocab_size]
+    return counts
 
 
-def train_wordpiece_tokenizer(dataset, vocab_size: int, lowercase: bool = True):
-    """Train a BERT WordPiece tokenizer on the ``text`` column and wrap it as a ``transformers`` fast tokenizer.
-
-    Normalization as Cramming/NTNG (PAPER.md 5.1): NFD, lower case, accents stripped; BERT
-    pre-tokenization; special tokens ``BERT_SPECIAL_TOKENS`` at ids 0..4. Encoding a text pair adds
-    ``[CLS] A [SEP] B [SEP]`` for fine-tuning; pre-training packs without them.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(BERT_SPECIAL_TOKENS),
-        limit_alphabet=min(1000, max(vocab_size // 4, 50)),
-        show_progress=True,
-    )
-    tokenizer.train_from_iterator(_text_iterator(dataset), trainer=trainer, length=len(dataset))
-    tokenizer.model = models.WordPiece(
-        vocab=canonical_vocabulary(tokenizer.get_vocab(), BERT_SPECIAL_TOKENS),
-        unk_token="[UNK]",
-        continuing_subword_prefix="##",
-    )
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    for expected, token in enumerate(BERT_SPECIAL_TOKENS):
-        assert tokenizer.token_to_id(token) == expected, (token, tokenizer.token_to_id(token))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
-
-
-T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-T5_SENTINELS = 100
-
-
-def train_unigram_tokenizer(dataset, vocab_size: int, sentinels: int = T5_SENTINELS):
-    """Train a SentencePiece-style Unigram tokenizer and wrap it as a ``transformers`` T5 tokenizer.
-
-    Layout as T5's: ``<pad>=0, </s>=1, <unk>=2``, the trained pieces, then the ``sentinels`` tokens
-    ``<extra_id_99> ... <extra_id_0>`` at the end (``<extra_id_0>`` has the largest id). NFKC
-    normalization, whitespace split with the ``▁`` metaspace; encoding appends ``</s>``.
-    """
-    import json
-
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
-
-    if vocab_size <= sentinels + len(T5_SPECIAL_TOKENS) + 10:
-        raise ValueError(f"vocab_size={vocab_size} leaves no room next to {sentinels} sentinel tokens")
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size - sentinels,
-        special_tokens=list(T5_SPECIAL_TOKENS),
-        unk_token="<unk>",
-        show_progress=True,
-    )
-    tokenizer.train_from_iterator(_text_iterator(dataset), trainer=trainer, length=len(dataset))
-    pieces = [(piece, score) for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]]
-    assert [p for p, _ in pieces[:3]] == list(T5_SPECIAL_TOKENS), pieces[:3]
-    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(sentinels - 1, -1, -1)]
-    wrapped = T5Tokenizer(vocab=pieces, extra_ids=sentinels, model_max_length=1_000_000)
-    wrapped.backend_tokenizer.normalizer = normalizers.NFKC()
-    return wrapped
+def entropy_nats(probabilities: np.ndarray) -> float:
+    """H(p) = -sum p log p in nats (zero probabilities contribute nothing)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())

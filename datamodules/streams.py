@@ -1,6 +1,6 @@
 """The training stream: packed sequences in a fixed order, sharded by rank, resumable mid-epoch.
 
-The paper reads its offline-shuffled training sequences sequentially (PAPER.md 5.1). Here that
+The paper reads its offline-shuffled training sequences sequentially (paper section 3; docs/paper.md "BERT"). Here that
 order is an ``IterableDataset`` so that:
 
 - every rank of a DDP run reads a disjoint, deterministic share (rank-batch ``j`` of rank ``r`` is
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from core.batch import PASS_INDEX
 
 __all__ = ["ResumableLoader", "SequentialTrainingStream"]
 
@@ -72,7 +74,7 @@ class SequentialTrainingStream(IterableDataset):
             first = (batch * self.world + self.rank) * self.batch_size
             rows = self.dataset[first : first + self.batch_size]
             for i in range(self.batch_size):
-                yield {**{key: values[i] for key, values in rows.items()}, "pass_index": pass_index}
+                yield {**{key: values[i] for key, values in rows.items()}, PASS_INDEX: pass_index}
 
 
 class ResumableLoader(DataLoader):

@@ -1,4 +1,4 @@
-"""BERT masked-language-model pre-training (the paper's BERT, PAPER.md 2.1 and 3.1).
+"""BERT masked-language-model pre-training (the paper's BERT, section 3; docs/paper.md "BERT").
 
 The network is ``transformers``' ``RobertaPreLayerNormForMaskedLM``: a pre-LN encoder
 (``x + Attn(LN(x))``, ``x + FFN(LN(x))``) with a LayerNorm on the embedding output and a final
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
 
-from datamodules.collators import IGNORE_INDEX
-from lightning_modules.errors import UserError
+from core.batch import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, LABELS
+from core.errors import UserError
 from lightning_modules.pretraining import PretrainingModule
 
 __all__ = ["BertMLM"]
@@ -94,7 +94,7 @@ class BertMLM(PretrainingModule):
         self.model = RobertaPreLayerNormForMaskedLM(config)
         self._init_layer_control([(self.model.roberta_prelayernorm.encoder, "layer")])
 
-    # ----- optimizer defaults (PAPER.md 2.1) ------------------------------------------------------
+    # ----- optimizer defaults (paper section 3) ------------------------------------------------------
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps)
 
@@ -109,10 +109,10 @@ class BertMLM(PretrainingModule):
 
     def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sparse prediction: logits ``(M, V)`` at the M masked positions, their targets, and the mask."""
-        hidden = self.encode(batch["input_ids"], batch.get("attention_mask"))
-        mask = batch["labels"] != IGNORE_INDEX
+        hidden = self.encode(batch[INPUT_IDS], batch.get(ATTENTION_MASK))
+        mask = batch[LABELS] != IGNORE_INDEX
         logits = self.model.lm_head(hidden[mask])
-        return logits, batch["labels"][mask], mask
+        return logits, batch[LABELS][mask], mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Dense MLM logits ``(B, T, V)`` at every position (what the exported model returns)."""
@@ -128,7 +128,7 @@ class BertMLM(PretrainingModule):
     def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean MLM loss over each example's masked tokens ``(B,)``, in eval mode, without gradient.
 
-        The same loss the training step optimizes (DESIGN.md 2); an example without a masked token
+        The same loss the training step optimizes (``core.contracts.PerExampleLoss``); an example without a masked token
         scores 0.
         """
         was_training = self.training
@@ -137,7 +137,7 @@ class BertMLM(PretrainingModule):
             logits, targets, mask = self.masked_logits(batch)
             token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
             rows = mask.nonzero(as_tuple=True)[0]
-            batch_size = batch["input_ids"].shape[0]
+            batch_size = batch[INPUT_IDS].shape[0]
             totals = torch.zeros(batch_size, device=token_loss.device).index_add_(0, rows, token_loss)
             counts = torch.zeros(batch_size, device=token_loss.device).index_add_(0, rows, torch.ones_like(token_loss))
             return totals / counts.clamp(min=1)

@@ -1,4 +1,4 @@
-"""Layer control, the model-side contract used by layer stacking and layer dropping (DESIGN.md 1).
+"""Layer control, the model-side contract used by layer stacking and layer dropping (``core.contracts.LayerControl``, docs/design.md).
 
 A pre-training module owns one or more stacks of repeated blocks (BERT: the encoder layers; T5: the
 encoder and decoder blocks, indexed alike). ``set_active_layers`` chooses which blocks run; the
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 __all__ = ["LayerControlMixin"]
 

@@ -2,7 +2,7 @@
 
 ``AdamWScale`` is nanoT5's AdamW with the learning rate of each tensor scaled by its RMS
 (Adafactor's "relative step" scaling, not Adafactor's update clipping; nanoT5 issue #15), used for
-the paper's T5 (PAPER.md 2.2): for each parameter tensor ``theta``
+the paper's T5 (paper section 3; docs/paper.md "T5"): for each parameter tensor ``theta``
 
     m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
     step = lr * sqrt(1 - beta2^t) / (1 - beta1^t) * max(1e-3, RMS(theta)),   RMS = ||theta||_2 / sqrt(numel)

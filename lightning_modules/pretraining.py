@@ -1,8 +1,10 @@
 """What every pre-training LightningModule shares: optimizer, budget-progress schedule, work ledger.
 
-Subclasses (``BertMLM``, ...) build a ``transformers`` model in ``__init__``, register its layer
-stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective on one
-batch) and ``per_example_loss``.
+Subclasses (``BertMLM``, ``T5SpanCorruption``) build a ``transformers`` model in ``__init__``, register
+its layer stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective
+on one batch) and ``per_example_loss``. The module implements the model-side contracts of
+``core/contracts.py`` (``LayerControl``, ``PerExampleLoss``, ``ChargesWork``) and reads budget
+progress from the run's ``BudgetClock``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 
-from callbacks.ledger import WorkLedger
-from lightning_modules.errors import UserError
+from core.batch import INPUT_IDS
+from core.contracts import BudgetClock, DepthSchedule
+from core.errors import UserError
+from core.ledger import WorkLedger
 from lightning_modules.layer_control import LayerControlMixin
 from lightning_modules.schedules import LRSchedule, ScheduleName
 
@@ -24,18 +28,19 @@ __all__ = ["PretrainingModule", "parameter_groups"]
 
 
 def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weight decay on matrices (and embeddings), none on biases and norm gains.
+    """Two named groups: ``decay`` (matrices and embeddings) and ``no_decay`` (biases and norm gains).
 
     Every parameter with fewer than two dimensions is a bias or a normalisation weight. The paper's
-    code decayed LayerNorm gains by a key-name mismatch (PAPER.md 6.1 item 11); we do not.
+    code decayed LayerNorm gains through a key-name mismatch (docs/paper.md, "Departures"); we do not.
+    The names label the learning-rate curves in TensorBoard (``lr/decay``, ``lr/no_decay``).
     """
     decay, no_decay = [], []
     for parameter in module.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
@@ -74,8 +79,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
             )
         except ValueError as error:
             raise UserError(f"model.lr_schedule: {error}") from error
-        self.work_ledger = WorkLedger()
-        self._last_step_time: float | None = None
+        self.work_ledger = WorkLedger()  # this process's work in this fit
+        self.work_before = WorkLedger()  # the whole run's work before this fit (from a checkpoint)
+        self._tokens_in_window = 0
+        self._window_start: float | None = None
+        self._window_step = -1
 
     # ----- subclasses ---------------------------------------------------------------------------
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -93,19 +101,20 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         raise NotImplementedError
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["input_ids"].numel())
+        """Tokens the model reads from ``batch`` (for throughput)."""
+        return int(batch[INPUT_IDS].numel())
 
     def setup(self, stage: str) -> None:
         if self.float32_matmul_precision is not None:
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
 
     # ----- budget progress ----------------------------------------------------------------------
-    def budget_clock(self):
-        """The callback that measures budget progress (``RSTBudget``), or ``None`` with a step budget."""
+    def budget_clock(self) -> BudgetClock | None:
+        """The run's ``BudgetClock`` callback (``RSTBudget``), or ``None`` with a step budget."""
         trainer = self._trainer
         if trainer is None:
             return None
-        return next((c for c in trainer.callbacks if callable(getattr(c, "budget_progress", None))), None)
+        return next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None)
 
     def budget_progress(self) -> float:
         """tau in [0, 1]: from the budget clock, else ``global_step / max_steps``."""
@@ -142,24 +151,47 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """Bring the budget clock up to date (a collective, on every rank alike) before the schedule reads tau."""
         clock = self.budget_clock()
-        if clock is not None and callable(getattr(clock, "sync", None)):
+        if clock is not None:
             clock.sync(self.trainer, self)
         super().lr_scheduler_step(scheduler, metric)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
 
+    # ----- work ----------------------------------------------------------------------------------
+    def work_done(self, world_size: int) -> WorkLedger:
+        """The whole run's work so far: before this fit (checkpoint) plus this fit on every process."""
+        return self.work_before + self.work_ledger.global_work(world_size)
+
     # ----- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
-        examples = int(batch["input_ids"].shape[0])
+        examples = int(batch[INPUT_IDS].shape[0])
         self.work_ledger.charge_fwd_bwd(self.num_active_layers, examples)
         self.log("train/loss", loss, prog_bar=True, batch_size=examples)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            self.log("perf/tokens_per_second", self.tokens_in(batch) / (now - self._last_step_time))
-        self._last_step_time = now
+        self._tokens_in_window += self.tokens_in(batch)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log tokens/s of the whole run, averaged over each logging interval (no device synchronisation).
+
+        Lightning's ``ThroughputMonitor`` synchronises the GPU after every micro-batch and counts time
+        spent in validation; this measures training only, once per ``log_every_n_steps`` optimizer steps.
+        """
+        trainer = self.trainer
+        step = trainer.global_step
+        if step == self._window_step or step % max(trainer.log_every_n_steps, 1):
+            return  # inside gradient accumulation, or not a logging step
+        self._window_step = step
+        now = time.perf_counter()
+        if self._window_start is not None and now > self._window_start:
+            tokens = self._tokens_in_window * trainer.world_size
+            self.log("perf/tokens_per_second", tokens / (now - self._window_start), on_step=True, on_epoch=False)
+        self._tokens_in_window, self._window_start = 0, now
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
@@ -167,18 +199,20 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._last_step_time = None
+        self._tokens_in_window, self._window_start = 0, None  # validation time is not training throughput
 
     # ----- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["work_ledger"] = self.work_ledger.state_dict()
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        checkpoint["work_ledger"] = self.work_done(world_size).state_dict()  # global: any world size can resume
         # a depth that persists (stacking) is part of the model; a per-step random draw (dropping) is not
         transient = self._trainer is not None and any(
-            getattr(c, "transient_layer_selection", False) for c in self._trainer.callbacks
+            isinstance(c, DepthSchedule) and not c.depth_is_persistent for c in self._trainer.callbacks
         )
         checkpoint["active_layers"] = None if transient else list(self.active_layers)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.work_ledger.load_state_dict(checkpoint.get("work_ledger", {}))
+        self.work_before = WorkLedger(checkpoint.get("work_ledger", {}))
+        self.work_ledger = WorkLedger()
         active = checkpoint.get("active_layers")
         self.set_active_layers(active if active else None)

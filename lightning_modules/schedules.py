@@ -2,10 +2,10 @@
 
 ``tau`` is RST spent / RST budget (or optimizer step / ``max_steps`` with a step budget), so the
 schedule reaches its final value exactly when the budget ends: the paper's "fully-decayed learning
-rate" baseline (PAPER.md 1.1, 1.7). Each function returns a multiplier of the peak learning rate.
+rate" baseline (paper section 2.1; docs/paper.md "Schedules tied to RST"). Each function returns a multiplier of the peak learning rate.
 
 - ``triangle``: the paper's BERT one-cycle, ``2 tau`` up to the peak at ``tau = 0.5``, then ``2 - 2 tau``
-  down to exactly 0 at ``tau = 1`` (PAPER.md 1.7).
+  down to exactly 0 at ``tau = 1`` (the paper's BERT).
 - ``cosine``: linear warm-up from ``warmup_start`` to 1 over ``warmup_fraction``, then half a cosine to
   ``final`` at ``tau = 1``, never below ``final``. The paper's T5 (nanoT5 cosine-budget) is
   ``warmup_start=0.5, warmup_fraction=10000/65536, final=1e-5``.

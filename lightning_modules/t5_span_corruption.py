@@ -1,4 +1,4 @@
-"""T5 span-corruption pre-training (the paper's T5, PAPER.md 2.2 and 3.2).
+"""T5 span-corruption pre-training (the paper's T5, section 3; docs/paper.md "T5").
 
 The network is ``transformers``' ``T5ForConditionalGeneration`` with a T5 v1.1 configuration:
 gated-GELU feed-forward, RMSNorm (T5LayerNorm) pre-norm blocks, no biases, untied input embedding
@@ -20,16 +20,35 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import T5Config, T5ForConditionalGeneration
 
-from datamodules.collators import IGNORE_INDEX
-from lightning_modules.errors import UserError
+from core.batch import IGNORE_INDEX, INPUT_IDS, LABELS
+from core.errors import UserError
 from lightning_modules.optimizers import AdamWScale
 from lightning_modules.pretraining import PretrainingModule
 from lightning_modules.schedules import ScheduleName
 
-__all__ = ["T5SpanCorruption"]
+__all__ = ["T5SpanCorruption", "untie_output_head"]
 
-# nanoT5's cosine-budget warm-up: 10,000 of 65,536 scheduler steps (PAPER.md 1.7)
+# nanoT5's cosine-budget warm-up: 10,000 of 65,536 scheduler steps (paper section 2.1; docs/paper.md)
 PAPER_WARMUP_FRACTION = 10000 / 65536
+
+
+def untie_output_head(model: T5ForConditionalGeneration) -> None:
+    """Give ``lm_head`` its own weight, as T5 v1.1 has (Raffel et al. 2020; the paper's T5, docs/paper.md).
+
+    ``transformers`` 5 ties ``lm_head`` to the input embedding whatever ``tie_word_embeddings`` says
+    (``T5Config`` forces it to ``True``); versions before 5 honour ``False`` and leave nothing to do.
+    The new weight is drawn as T5 initialises an untied head (normal, std ``initializer_factor``), and
+    the config records ``tie_word_embeddings=False`` so that ``save_pretrained`` writes both matrices and
+    ``AutoModelForSeq2SeqLM.from_pretrained`` keeps them apart (transformers 5 then logs that it does
+    not tie two different matrices, as it does for Google's own v1.1 checkpoints).
+    """
+    if model.lm_head.weight is model.shared.weight:
+        std = float(getattr(model.config, "initializer_factor", 1.0))
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight).normal_(0.0, std))
+        tied = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            tied.pop("lm_head.weight", None)  # so a later tie_weights() does not tie it again
+    model.config.tie_word_embeddings = False
 
 
 class T5SpanCorruption(PretrainingModule):
@@ -115,13 +134,14 @@ class T5SpanCorruption(PretrainingModule):
             use_cache=False,
         )
         self.model = T5ForConditionalGeneration(config)
+        untie_output_head(self.model)
         self._init_layer_control([(self.model.encoder, "block"), (self.model.decoder, "block")])
 
     def required_layers(self) -> tuple[int, ...]:
         """Block 0 holds the relative position bias that every other block reuses."""
         return (0,)
 
-    # ----- optimizer defaults (PAPER.md 2.2) ------------------------------------------------------
+    # ----- optimizer defaults (paper section 3) ------------------------------------------------------
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return AdamWScale(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps)
 
@@ -130,20 +150,25 @@ class T5SpanCorruption(PretrainingModule):
 
     # ----- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decoder logits ``(B, T_target, V)`` with teacher forcing, computed with the active blocks only."""
+        """Decoder logits ``(B, T_target, V)`` with teacher forcing, computed with the active blocks only.
+
+        The decoder reads the labels shifted right (``decoder_start_token_id`` first); the labels are
+        not passed to the ``transformers`` model, which would compute a loss the module throws away.
+        """
+        decoder_input_ids = self.model._shift_right(labels)
         with self.running_active_layers():
-            return self.model(input_ids=input_ids, labels=labels, use_cache=False).logits
+            return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of every target token ``(B, T_target)``; 0 where the label is ignored."""
-        logits = self(batch["input_ids"], batch["labels"])
-        labels = batch["labels"]
+        logits = self(batch[INPUT_IDS], batch[LABELS])
+        labels = batch[LABELS]
         return F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(labels)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        counted = (batch["labels"] != IGNORE_INDEX).sum()
+        counted = (batch[LABELS] != IGNORE_INDEX).sum()
         return self.token_losses(batch).sum() / counted.clamp(min=1), counted
 
     @torch.no_grad()
@@ -152,7 +177,7 @@ class T5SpanCorruption(PretrainingModule):
         was_training = self.training
         self.eval()
         try:
-            counts = (batch["labels"] != IGNORE_INDEX).sum(1).clamp(min=1)
+            counts = (batch[LABELS] != IGNORE_INDEX).sum(1).clamp(min=1)
             return self.token_losses(batch).sum(1) / counts
         finally:
             self.train(was_training)

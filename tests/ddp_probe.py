@@ -1,4 +1,4 @@
-"""A test-only callback: writes the active layers of every training micro-batch, per rank, to JSON."""
+"""Test-only callbacks for multi-process runs: each writes what its rank saw to JSON."""
 
 import json
 import os
@@ -21,3 +21,18 @@ class RecordActiveLayers(Callback):
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as handle:
             json.dump(self.records, handle)
+
+
+class RecordStop(Callback):
+    """Writes, per rank, the optimizer step and the RST spent when training ends."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from callbacks.rst import RSTBudget
+
+        budget = next(c for c in trainer.callbacks if isinstance(c, RSTBudget))
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"global_step": trainer.global_step, "rst_seconds": round(budget.spent_seconds, 9)}, handle)

@@ -1,13 +1,13 @@
 """Bad input stops before training with one line naming the problem and the fix, and exit status 2."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 import train
-from conftest import ROOT
-from test_fit import tiny_fit_args
+from helpers import ROOT, tiny_fit_args
 
 
 def _run(args, capsys):
@@ -27,8 +27,8 @@ def _assert_clean_cache(cache):
     [
         (["--data.seq_len", "0"], "data.seq_len=0 must be a positive number of tokens"),
         (["--data.vocab_size", "0"], "data.vocab_size=0 is too small"),
-        (["--data.source", "wikipedia"], "unknown data.source 'wikipedia': use one of news, news-tiny, files, hub"),
-        (["--data.data_files", "/nonexistent/corpus-*.txt"], "no file matches data.data_files='/nonexistent/corpus-*.txt'"),
+        (["--data.corpus.source", "wikipedia"], "unknown data.corpus.source 'wikipedia': use one of news, news-tiny, files, hub"),
+        (["--data.corpus.data_files", "/nonexistent/corpus-*.txt"], "no file matches data.corpus.data_files='/nonexistent/corpus-*.txt'"),
     ],
 )
 def test_bad_settings(override, message, corpus_file, tmp_path, capsys, private_cache):
@@ -55,7 +55,8 @@ def test_corpus_smaller_than_one_batch(tmp_path, capsys, private_cache):
     small.write_text("the cat sees the house in the morning.\n\n" * 30)
     code, err = _run(tiny_fit_args(small, tmp_path), capsys)
     assert code == 2
-    assert "fewer than one batch of data.batch_size=16" in err[-1] and "lower data.batch_size" in err[-1]
+    assert "fewer than one optimizer step needs (data.batch_size=16 x trainer.accumulate_grad_batches=1 x 1 process(es) = 16)" in err[-1]
+    assert "lower data.batch_size" in err[-1]
     _assert_clean_cache(private_cache)
     assert not (tmp_path / "bert-demo").exists()  # nothing trained, nothing logged
 
@@ -69,6 +70,18 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path, private_cache):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: no file matches data.data_files='{tmp_path / 'missing.txt'}': check the path (globs are allowed)"
+        f"error: no file matches data.corpus.data_files='{tmp_path / 'missing.txt'}': check the path (globs are allowed)"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_corpus_smaller_than_one_optimizer_step_of_gradient_accumulation(corpus_file, tmp_path, capsys):
+    code, err = _run(tiny_fit_args(corpus_file, tmp_path, "--trainer.accumulate_grad_batches", "1000"), capsys)
+    assert code == 2
+    assert re.fullmatch(
+        r"error: the corpus yields \d+ training sequences of 32 tokens, fewer than one optimizer step needs "
+        r"\(data.batch_size=16 x trainer.accumulate_grad_batches=1000 x 1 process\(es\) = 16000\): add text, or lower "
+        r"data.batch_size, trainer.accumulate_grad_batches or data.seq_len",
+        err[-1],
+    ), err[-1]
+    assert not (tmp_path / "bert-demo").exists()

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_bert_args
+from core.errors import UserError
 from datamodules.collators import MLMCollator
+from helpers import tiny_bert_args
 from lightning_modules.bert_mlm import BertMLM
-from lightning_modules.errors import UserError
 
 
 def _batch(batch_size=4, seq_len=32, seed=0):

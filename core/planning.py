@@ -1,0 +1,118 @@
+"""``train.py plan``: simulate a configured run against a cost table, without data or training.
+
+``plan`` charges a work ledger step by step exactly as a real run does (same micro-batches, same
+active layers, same arithmetic) until the budget is spent, without data or training, and reports
+steps, tokens and RST per phase. A callback that changes the depth plugs in as a
+``DepthSchedule`` (``core/contracts.py``): ``planned_active_layers`` (layer dropping replays the very
+draws the run will make) and ``planned_phase`` to name its phases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from core.contracts import DepthSchedule
+from core.cost_table import CostTable
+from core.errors import UserError
+from core.ledger import WorkLedger
+
+__all__ = ["plan_run", "simulate"]
+
+
+# ----- plan ---------------------------------------------------------------------------------------
+def simulate(
+    table: CostTable,
+    budget_seconds: float,
+    *,
+    micro_batch_size: int,
+    micro_batches_per_step: int,
+    tokens_per_example: int,
+    optimizer_name: str,
+    num_layers: int,
+    active_layers_at: Callable[[float, int], int] | None = None,
+    phase_at: Callable[[float], str] | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Charge a ledger step by step as ``RSTBudget`` and the module do, until the budget is spent.
+
+    ``active_layers_at(tau, step)`` gives the depth of each step; ``phase_at(tau)`` names its phase
+    (``None`` or absent: the depth). The step that crosses the budget is executed (as in the paper and a real run).
+    """
+    ledger = WorkLedger()
+    phases: list[dict[str, Any]] = []
+    steps, spent = 0, 0.0
+    while spent < budget_seconds and (max_steps is None or steps < max_steps):
+        tau = min(1.0, spent / budget_seconds)
+        layers = active_layers_at(tau, steps) if active_layers_at else num_layers
+        name = (phase_at(tau) if phase_at else None) or f"{layers} layer{'s' if layers != 1 else ''}"
+        before = spent
+        for _ in range(micro_batches_per_step):
+            ledger.charge_fwd_bwd(layers, micro_batch_size)
+        ledger.charge_optimizer_step(optimizer_name)
+        spent = table.seconds(ledger)
+        steps += 1
+        if not phases or phases[-1]["phase"] != name:
+            phases.append({"phase": name, "tau_start": tau, "optimizer_steps": 0, "rst_seconds": 0.0, "_layers": 0})
+        phases[-1]["optimizer_steps"] += 1
+        phases[-1]["rst_seconds"] += spent - before
+        phases[-1]["_layers"] += layers
+    for phase in phases:
+        mean_layers = phase.pop("_layers") / phase["optimizer_steps"]
+        phase["active_layers"] = int(mean_layers) if mean_layers == int(mean_layers) else round(mean_layers, 3)
+        phase["micro_batches"] = phase["optimizer_steps"] * micro_batches_per_step
+        phase["tokens"] = phase["micro_batches"] * micro_batch_size * tokens_per_example
+    micro_batches = steps * micro_batches_per_step
+    return {
+        "optimizer_steps": steps,
+        "micro_batches": micro_batches,
+        "examples": micro_batches * micro_batch_size,
+        "tokens": micro_batches * micro_batch_size * tokens_per_example,
+        "rst_seconds": spent,
+        "budget_seconds": budget_seconds,
+        "stopped_by": "budget" if spent >= budget_seconds else "max_steps",
+        "phases": phases,
+    }
+
+
+def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float) -> dict[str, Any]:
+    """Simulate the configured run: its world size, accumulation, depth schedule and optimizer.
+
+    ``trainer``, ``model`` and ``datamodule`` are the configured (not fitted) objects; only their
+    settings are read.
+    """
+    num_layers = model.num_layers
+    table.check_run(micro_batch_size=datamodule.batch_size, seq_len=datamodule.seq_len, num_layers=num_layers)
+    schedules = [c for c in trainer.callbacks if isinstance(c, DepthSchedule)]
+    if len(schedules) > 1:
+        names = ", ".join(type(c).__name__ for c in schedules)
+        raise UserError(f"{names} cannot be combined: each decides which layers run; keep one of them")
+    active_layers_at = phase_at = None
+    if schedules:
+        schedule, required = schedules[0], model.required_layers()
+
+        def active_layers_at(tau: float, step: int) -> int:
+            return schedule.planned_active_layers(tau, num_layers, step, required)
+
+        phase_at = schedule.planned_phase
+    optimizer = model.build_optimizer()
+    max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    result = simulate(
+        table,
+        budget_seconds,
+        micro_batch_size=datamodule.batch_size,
+        micro_batches_per_step=trainer.accumulate_grad_batches * trainer.world_size,
+        tokens_per_example=datamodule.tokens_per_sequence,
+        optimizer_name=type(optimizer).__name__,
+        num_layers=num_layers,
+        active_layers_at=active_layers_at,
+        phase_at=phase_at,
+        max_steps=max_steps,
+    )
+    result["table"] = table.path
+    result["world_size"] = trainer.world_size
+    result["accumulate_grad_batches"] = trainer.accumulate_grad_batches
+    result["optimizer"] = type(optimizer).__name__
+    return result
+
+

@@ -1,0 +1,210 @@
+"""What the pre-training data modules share: settings, the packed cache, the loaders, the size checks.
+
+``prepare_data`` (one process for the whole job) builds the packed cache (``datamodules/packed_cache.py``);
+``setup`` (every process) loads it and checks that the training split holds at least one optimizer
+step of every process. Training reads the packed sequences in order through the resumable,
+rank-sharded stream of ``datamodules/streams.py``; validation reads a fixed split with fixed masks.
+Subclasses (``MLMDataModule``, ``SpanCorruptionDataModule``) choose the tokenizer and the collator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from core.errors import UserError
+from datamodules.corpora import Corpus, default_cache_dir
+from datamodules.packed_cache import PackedCache, PackingSpec
+from datamodules.streams import ResumableLoader, SequentialTrainingStream
+
+__all__ = ["PretrainingDataModule"]
+
+
+class PretrainingDataModule(L.LightningDataModule):
+    """Shared pipeline of the pre-training data modules.
+
+    Args:
+        corpus: where the documents come from (``source``, ``data_files``, ``hub_name``, ...; see ``Corpus``).
+        vocab_size: vocabulary size of the trained tokenizer (the model's embedding size).
+        seq_len: tokens per model input sequence.
+        batch_size: sequences per training micro-batch (per device).
+        eval_batch_size: sequences per validation batch; defaults to ``batch_size``.
+        validation_fraction: fraction of documents held out for validation.
+        max_validation_sequences: cap on the packed validation split (paper: 10,000).
+        tokenizer_path: use this tokenizer (a directory saved by this project, e.g. ``<cache>/packed/<key>/tokenizer``)
+            instead of training one, to share one vocabulary between corpora or runs.
+        split_seed: seed of the document split and of the one-time shuffle of training sequences.
+        num_workers: DataLoader worker processes.
+        num_proc: processes for tokenization and packing; ``None`` = in-process. The packed data are the
+            same at any value.
+        cache_dir: where corpora, tokenizers and packed data are cached; default ``$NTNG_CACHE_DIR``
+            or ``~/.cache/ntng``.
+    """
+
+    objective = "base"
+
+    def __init__(
+        self,
+        corpus: Corpus = Corpus(),  # noqa: B008 (frozen dataclass: LightningCLI shows its fields)
+        vocab_size: int = 32768,
+        seq_len: int = 128,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        validation_fraction: float = 0.005,
+        max_validation_sequences: int = 10000,
+        tokenizer_path: str | None = None,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(corpus, dict):
+            corpus = Corpus(**corpus)
+        if seq_len <= 0:
+            raise UserError(f"data.seq_len={seq_len} must be a positive number of tokens, e.g. 128")
+        if vocab_size < 100:
+            raise UserError(f"data.vocab_size={vocab_size} is too small for a tokenizer: use at least 100")
+        if batch_size <= 0:
+            raise UserError(f"data.batch_size={batch_size} must be positive")
+        if not 0.0 < validation_fraction < 1.0:
+            raise UserError(f"data.validation_fraction={validation_fraction} must be in (0, 1), e.g. 0.005")
+        if max_validation_sequences <= 0:
+            raise UserError(f"data.max_validation_sequences={max_validation_sequences} must be positive")
+        if tokenizer_path is not None and not (Path(tokenizer_path) / "tokenizer.json").exists():
+            raise UserError(f"data.tokenizer_path={tokenizer_path!r} holds no tokenizer.json: point it at a saved tokenizer")
+        self.save_hyperparameters(ignore=["corpus"])
+        self.hparams["corpus"] = asdict(corpus)  # plain values: checkpoints load with weights_only=True
+        # One process builds the cache for all nodes: two nodes must never train two different tokenizers.
+        # Without a shared file system, point data.cache_dir at one or build the cache before the job.
+        self.prepare_data_per_node = False
+        self.corpus = corpus
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.validation_fraction = validation_fraction
+        self.max_validation_sequences = max_validation_sequences
+        self.tokenizer_path = tokenizer_path
+        self.split_seed = split_seed
+        self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.tokenizer = None
+        self.train_dataset = None
+        self.val_dataset = None
+        self.stats: dict[str, Any] = {}
+
+    # ----- what subclasses define (the PackingObjective of datamodules/packed_cache.py) ----------
+    @property
+    def raw_sequence_length(self) -> int:
+        """Tokens per packed sequence before the collator (T5 packs longer chunks than it feeds)."""
+        return self.seq_len
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        """Corpus tokens consumed per training example."""
+        return self.raw_sequence_length
+
+    def make_collator(self, fixed: bool):
+        raise NotImplementedError
+
+    # ----- the cache ----------------------------------------------------------------------------
+    @property
+    def cache(self) -> PackedCache:
+        spec = PackingSpec(
+            corpus=self.corpus,
+            vocab_size=self.vocab_size,
+            sequence_length=self.raw_sequence_length,
+            validation_fraction=self.validation_fraction,
+            max_validation_sequences=self.max_validation_sequences,
+            split_seed=self.split_seed,
+            tokenizer_path=self.tokenizer_path,
+        )
+        return PackedCache(spec, self, self.cache_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache.path
+
+    def check_tokenizer(self, tokenizer) -> None:
+        if len(tokenizer) > self.vocab_size:
+            raise UserError(
+                f"the tokenizer at {self.tokenizer_path} has {len(tokenizer)} tokens, more than "
+                f"data.vocab_size={self.vocab_size}: raise data.vocab_size"
+            )
+
+    @property
+    def target_unigram_entropy(self) -> float | None:
+        """The loss of a model that predicts every target from the training split's token frequencies
+        alone (nats): how much better than that a trained model does is what it learned from context."""
+        value = self.stats.get("target_unigram_entropy")
+        return float(value) if value is not None else None
+
+    # ----- Lightning hooks ----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.cache.build(self.num_proc, check=self._check_sizes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset, self.val_dataset, self.tokenizer, self.stats = self.cache.load()
+        self._check_sizes(self.stats)
+
+    def _sequences_per_step(self) -> tuple[int, str]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return self.batch_size, f"data.batch_size={self.batch_size}"
+        accumulation, world = trainer.accumulate_grad_batches, trainer.world_size
+        return (
+            self.batch_size * accumulation * world,
+            f"data.batch_size={self.batch_size} x trainer.accumulate_grad_batches={accumulation} x {world} process(es)",
+        )
+
+    def _check_sizes(self, meta: dict[str, Any]) -> None:
+        n_train = meta["train"]["sequences"]
+        needed, how = self._sequences_per_step()
+        if n_train < needed:
+            raise UserError(
+                f"the corpus yields {n_train} training sequences of {self.raw_sequence_length} tokens, fewer than "
+                f"one optimizer step needs ({how} = {needed}): add text, or lower data.batch_size, "
+                "trainer.accumulate_grad_batches or data.seq_len"
+            )
+        if meta["validation"]["sequences"] < 1:
+            raise UserError(
+                f"the validation documents yield no full {self.raw_sequence_length}-token sequence: "
+                "raise data.validation_fraction or add text"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        # already shuffled once, offline, with split_seed; read in order, resumable (datamodules/streams.py)
+        trainer = getattr(self, "trainer", None)
+        stream = SequentialTrainingStream(
+            self.train_dataset,
+            self.batch_size,
+            batches_multiple_of=trainer.accumulate_grad_batches if trainer is not None else 1,
+        )
+        return ResumableLoader(
+            stream,
+            position=self._batches_consumed if trainer is not None else None,
+            batch_size=self.batch_size,
+            collate_fn=self.make_collator(fixed=False),
+            num_workers=self.num_workers,
+        )
+
+    def _batches_consumed(self) -> int:
+        """Training batches this rank has consumed since the run began (restored when Lightning resumes)."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.make_collator(fixed=True),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

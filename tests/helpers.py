@@ -1,0 +1,88 @@
+"""What the tests share: a generated corpus with real structure, tiny configurations, TensorBoard reading."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from datamodules.corpora import Corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the committee", "a small bird", "the river"]
+_VERBS = ["sees", "likes", "follows", "reads", "builds", "finds", "watches", "crosses"]
+_OBJECTS = ["the house", "a red ball", "the long road", "an apple", "the bridge", "a letter", "the garden"]
+_TAILS = ["in the morning", "every day", "with great care", "after dinner", "near the sea", "again"]
+
+
+def make_corpus(path: Path, documents: int, seed: int = 0) -> Path:
+    """Write ``documents`` paragraphs of simple, learnable English sentences, one blank line apart."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(documents):
+        sentences = [
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
+            for _ in range(rng.randint(3, 8))
+        ]
+        paragraphs.append(" ".join(sentences))
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+def files_corpus(path: Path | str, **kwargs) -> Corpus:
+    return Corpus(source="files", data_files=str(path), **kwargs)
+
+
+def tiny_mlm_data_args(corpus: Path, **overrides) -> dict:
+    args = dict(
+        corpus=files_corpus(corpus),
+        vocab_size=200,
+        seq_len=32,
+        batch_size=16,
+        validation_fraction=0.05,
+        max_validation_sequences=64,
+    )
+    args.update(overrides)
+    return args
+
+
+def tiny_bert_args(**overrides) -> dict:
+    args = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=200, max_seq_len=32)
+    args.update(overrides)
+    return args
+
+
+def tiny_fit_args(corpus, out: Path, *extra: str) -> list[str]:
+    """``train.py`` arguments: the BERT demo config shrunk to a 2-layer model on ``corpus``, 60 steps."""
+    return [
+        "fit",
+        "--config", str(ROOT / "configs/bert/demo.yaml"),
+        "--config", str(ROOT / "tests/configs/step-budget.yaml"),
+        "--data.corpus.source", "files",
+        "--data.corpus.data_files", str(corpus),
+        "--data.vocab_size", "200",
+        "--data.seq_len", "32",
+        "--data.batch_size", "16",
+        "--data.validation_fraction", "0.05",
+        "--data.max_validation_sequences", "64",
+        "--model.num_layers", "2",
+        "--model.hidden_size", "32",
+        "--model.num_heads", "2",
+        "--model.intermediate_size", "64",
+        "--model.learning_rate", "5e-3",
+        "--trainer.max_steps", "60",
+        "--trainer.val_check_interval", "30",
+        "--trainer.log_every_n_steps", "5",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(out),
+        *extra,
+    ]
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve TensorBoard holds in ``log_dir``: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

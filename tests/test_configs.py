@@ -1,0 +1,72 @@
+"""Every step count the configs and the README quote is the one ``train.py plan`` computes, exactly."""
+
+import json
+import re
+
+import pytest
+
+import train
+from helpers import ROOT
+
+# "# plan: 31,958 optimizer steps" or, in an overlay,
+# "# plan (on configs/bert/baseline.yaml): 46,824 optimizer steps = 13,830 + 10,624 + 22,370"
+PLAN_LINE = re.compile(r"^# plan(?: \(on (\S+)\))?: ([\d,]+) optimizer steps(?: = ([\d,]+(?: \+ [\d,]+)*))?\s*$")
+CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("configs/*/*.yaml"))
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _plan(capsys, *configs: str) -> dict:
+    args = ["plan"]
+    for config in configs:
+        args += ["--config", str(ROOT / config)]
+    train.main(args)
+    return json.loads(capsys.readouterr().out)
+
+
+def _quoted_plans(config: str) -> list[tuple[str | None, int, list[int] | None]]:
+    quoted = []
+    for line in (ROOT / config).read_text().splitlines():
+        match = PLAN_LINE.match(line)
+        if match:
+            base, steps, phases = match.groups()
+            quoted.append((base, _number(steps), [_number(p) for p in phases.split(" + ")] if phases else None))
+        elif line.lstrip().startswith("#") and re.search(r"\d[\d,]* (optimizer )?steps", line):
+            pytest.fail(f"{config}: a step count outside a '# plan:' line: {line!r}")
+    return quoted
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_step_counts_in_config_comments_are_what_plan_says(config, capsys):
+    quoted = _quoted_plans(config)
+    uses_budget = "RSTBudget" in (ROOT / config).read_text() or any(base for base, _, _ in quoted)
+    if not uses_budget:
+        assert not quoted, f"{config} quotes a plan but configures no budget"
+        return
+    assert quoted, f"{config}: say what `train.py plan` gives, in a '# plan: N optimizer steps' line"
+    for base, steps, phases in quoted:
+        plan = _plan(capsys, *([base] if base else []), config)
+        assert plan["optimizer_steps"] == steps, (config, plan["optimizer_steps"])
+        if phases is not None:
+            assert [p["optimizer_steps"] for p in plan["phases"]] == phases, (config, plan["phases"])
+
+
+def test_step_counts_in_the_readme_config_table_are_what_plan_says(capsys):
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(configs/[\w/.-]+\.yaml)` \|.*\(([\d,]+) steps\)", readme, re.M)
+    assert len(rows) >= 4, rows  # the demos and the baselines
+    for config, steps in rows:
+        assert _plan(capsys, config)["optimizer_steps"] == _number(steps), config
+
+
+def test_step_counts_of_the_readme_stacking_paragraph_are_what_plan_says(capsys):
+    readme = (ROOT / "README.md").read_text()
+    for family in ("bert", "t5"):
+        phases = re.search(rf"{family.upper() if family == 'bert' else 'T5'} gets ([\d,]+) \+ ([\d,]+) \+ ([\d,]+) = ([\d,]+)",
+                           readme)
+        assert phases, family
+        *stages, total = map(_number, phases.groups())
+        plan = _plan(capsys, f"configs/{family}/baseline.yaml", f"configs/{family}/stacking.yaml")
+        assert [p["optimizer_steps"] for p in plan["phases"]] == stages and plan["optimizer_steps"] == total
