@@ -1,7 +1,8 @@
-"""Entry point: ``python train.py {fit,validate,test,plan,calibrate} --config CFG``.
+"""Entry point: ``python train.py {fit,validate,test,plan,calibrate,score} --config CFG``.
 
 ``fit``/``validate``/``test`` go through LightningCLI; ``plan`` and ``calibrate`` are this project's
-commands for the RST budget (``core/planning.py``, ``core/calibration.py``).
+commands for the RST budget (``core/planning.py``, ``core/calibration.py``); ``score`` writes the
+irreducible losses RHO-loss selects with (``callbacks/batch_selection.py``).
 
 Every option of the model, the datamodule, the trainer and the callbacks is a typed ``__init__``
 argument, overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the
@@ -143,7 +144,34 @@ def calibrate_command(argv: list[str]) -> None:
           f"({datamodule.batch_size * datamodule.seq_len / full:,.0f} tokens/s)")
 
 
-PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command}
+def score_command(argv: list[str]) -> None:
+    """``train.py score --config CFG [--config OVERLAY] --ckpt_path PATH|last --output FILE.npy [--passes N]``:
+    write the irreducible loss of every training example (RHO-loss) and its JSON sidecar."""
+    from callbacks.batch_selection import newest_last_checkpoint, score_training_examples
+
+    parser = argparse.ArgumentParser(prog="train.py score", description=score_command.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="the irreducible-loss model's checkpoint, or 'last' "
+                        "(the newest last.ckpt of this config's runs)")
+    parser.add_argument("--output", required=True, help="where to write the losses (.npy; the sidecar goes beside it, .json)")
+    parser.add_argument("--passes", type=int, default=1, help="passes of training masks to score (default 1); RhoLoss "
+                        "masks pass p like pass p mod PASSES")
+    parser.add_argument("--batch_size", type=int, default=None, help="examples per forward (default: data.eval_batch_size)")
+    known, rest = parser.parse_known_args(argv)
+    if not known.output.endswith(".npy"):
+        raise UserError(f"--output {known.output}: name the file .npy (numpy, no pickle)")
+    trainer, model, datamodule = _configured(rest)
+    checkpoint = newest_last_checkpoint(trainer.logger) if known.ckpt_path == "last" else known.ckpt_path
+    if not os.path.exists(checkpoint):
+        raise UserError(f"--ckpt_path {checkpoint}: no such checkpoint")
+    sidecar = score_training_examples(trainer, model, datamodule, checkpoint, known.output, known.passes, known.batch_size)
+    costs = sidecar["costs"]
+    priced = f"{costs['scoring_rst_seconds']:.1f} RST-seconds" if costs["scoring_rst_seconds"] is not None else "unpriced"
+    print(f"wrote {known.output}: {sidecar['examples']['num_examples']:,} training examples x {known.passes} pass(es), "
+          f"mean irreducible loss {sidecar['mean_loss']:.4f}, scored by {checkpoint} in {costs['scoring_wall_seconds']:.1f} s "
+          f"({priced}); sidecar {known.output[:-4]}.json")
+
+
+PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command, "score": score_command}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -4,7 +4,9 @@ No Train No Gain (Kaddour et al. 2023, arXiv:2307.06440, section 2): every piece
 is priced at what it costs on a reference machine (a cost table, ``core/cost_table.py``), and every
 schedule is a function of ``tau = RST spent / RST budget``. The arithmetic lives in
 ``core/budget.py``; this callback measures or prices this process's work, sums it over the processes
-once per optimizer step, logs it and stops every process at the same optimizer step.
+once per optimizer step, logs it and stops every process at the same optimizer step. With batch
+selection it also reports the share of the RST spent scoring candidates (``rst/selection_seconds``)
+next to the rest (``rst/training_seconds``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.budget import BudgetAccount
-from core.contracts import BudgetClock, ChargesWork
+from core.contracts import BatchSelector, BudgetClock, ChargesWork
 from core.cost_table import CostTable
 from core.durations import format_duration, parse_duration
 from core.errors import UserError
+from core.ledger import WorkLedger
 
 __all__ = ["RSTBudget"]
 
@@ -59,6 +62,9 @@ class RSTBudget(Callback, BudgetClock):
         self._restored: dict[str, Any] | None = None  # budget state found in the checkpoint being resumed
         self._restored_step: int | None = None  # optimizer step of that checkpoint (None: not resuming)
         self._baseline = 0.0  # this rank's measured/priced seconds at fit start
+        self._selection_baseline = 0.0  # ... of which spent scoring candidates (batch selection)
+        self._selection_offset = 0.0  # selection RST of the whole run before this fit (checkpoint)
+        self.selection_spent = 0.0  # selection RST of the whole run, as of the last sync
         self._wall_train = 0.0  # seconds measured in training batches on this rank
         self._batch_start: float | None = None
         self._fit_start = time.monotonic()
@@ -90,22 +96,36 @@ class RSTBudget(Callback, BudgetClock):
     def spent_seconds(self) -> float:
         return self.account.spent
 
-    def _local_seconds(self, pl_module: L.LightningModule) -> float:
+    @staticmethod
+    def _selector(pl_module: L.LightningModule) -> BatchSelector | None:
+        trainer = pl_module._trainer
+        callbacks = trainer.callbacks if trainer is not None else []
+        return next((c for c in callbacks if isinstance(c, BatchSelector)), None)
+
+    def _local_seconds(self, pl_module: L.LightningModule) -> tuple[float, float]:
+        """This rank's seconds in this fit so far: ``(all, of which scoring candidates)``."""
+        selector = self._selector(pl_module)
         if self.mode == "wall":  # the measured batches, and the one in progress (the LR schedule syncs mid-batch)
             running = time.monotonic() - self._batch_start if self._batch_start is not None else 0.0
-            return self._wall_train + running
+            scoring = selector.scoring_wall_seconds if selector is not None else 0.0  # 0 when selection is free
+            return self._wall_train + running + scoring, scoring
         world_size = pl_module.trainer.world_size if pl_module._trainer is not None else 1
-        return self.account.price(pl_module.work_ledger, world_size)
+        ledger = pl_module.work_ledger
+        forwards = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("fwd/")})
+        return self.account.price(ledger, world_size), self.account.table.seconds(forwards)
 
     def sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Bring ``spent`` up to date on every rank (one all-reduce); idempotent within an optimizer step."""
         if self._synced_step == trainer.global_step:
             return
-        local = self._local_seconds(pl_module) - self._baseline
+        total, selection = self._local_seconds(pl_module)
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
-        value = torch.tensor(local, dtype=dtype, device=pl_module.device)
+        value = torch.tensor([total - self._baseline, selection - self._selection_baseline], dtype=dtype,
+                             device=pl_module.device)
         reduce_op = "max" if self.mode == "wall" else "sum"  # wall: ranks run in lockstep; table: all work counts
-        self.account.record(float(trainer.strategy.reduce(value, reduce_op=reduce_op)))
+        reduced = trainer.strategy.reduce(value, reduce_op=reduce_op).tolist()
+        self.account.record(reduced[0])
+        self.selection_spent = self._selection_offset + reduced[1]
         self._synced_step = trainer.global_step
 
     # ----- hooks ----------------------------------------------------------------------------------
@@ -135,13 +155,15 @@ class RSTBudget(Callback, BudgetClock):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning restored the loops, the module and the callbacks (resume): start counting here
         if self._restored_step is not None:
+            self._selection_offset = float((self._restored or {}).get("selection_seconds", 0.0))
             message = self.account.resume(
                 self._restored, step=self._restored_step, work_before=pl_module.work_done(trainer.world_size)
             )
             rank_zero_info(f"RSTBudget: {message}.")
             self._restored, self._restored_step = None, None
         self._batch_start = None
-        self._baseline = self._local_seconds(pl_module)
+        self._baseline, self._selection_baseline = self._local_seconds(pl_module)
+        self.selection_spent = self._selection_offset
         self._checked_step = trainer.global_step
         self._synced_step = -1
         self._fit_start = time.monotonic()
@@ -161,13 +183,17 @@ class RSTBudget(Callback, BudgetClock):
         self._checked_step = trainer.global_step
         self.sync(trainer, pl_module)  # a no-op if the LR scheduler already synced at this step
         account = self.account
+        metrics = {
+            "rst/seconds": account.spent,
+            "rst/fraction": account.progress(),
+            "rst/remaining": account.remaining(),
+            "time/wall_seconds": time.monotonic() - self._fit_start,
+        }
+        if self._selector(pl_module) is not None:
+            metrics["rst/selection_seconds"] = self.selection_spent
+            metrics["rst/training_seconds"] = account.spent - self.selection_spent
         pl_module.log_dict(
-            {
-                "rst/seconds": account.spent,
-                "rst/fraction": account.progress(),
-                "rst/remaining": account.remaining(),
-                "time/wall_seconds": time.monotonic() - self._fit_start,
-            },
+            metrics,
             on_step=True,
             on_epoch=False,
             sync_dist=False,
@@ -184,7 +210,7 @@ class RSTBudget(Callback, BudgetClock):
 
     # ----- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return self.account.state_dict()
+        return {**self.account.state_dict(), "selection_seconds": self.selection_spent}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)  # read in on_train_start, once the module's ledger is restored too

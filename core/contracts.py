@@ -11,7 +11,9 @@ Callbacks (``callbacks/``) implement:
 - ``BudgetClock``: the one object that measures budget progress tau (``RSTBudget``); the learning-rate
   schedule and every method's schedule read it;
 - ``DepthSchedule``: a callback that decides which layers run at each optimizer step (layer stacking,
-  layer dropping); at most one per run, and ``train.py plan`` replays it.
+  layer dropping); at most one per run, and ``train.py plan`` replays it;
+- ``BatchSelector``: a callback that chooses the examples of every training micro-batch from scored
+  candidates (selective backprop, RHO-loss); the data module asks it for the training batches.
 
 Code finds its partners by these types (``isinstance``), never by attribute probing or class names.
 """
@@ -24,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from core.ledger import WorkLedger
 
-__all__ = ["BudgetClock", "ChargesWork", "DepthSchedule", "LayerControl", "PerExampleLoss"]
+__all__ = ["BatchSelector", "BudgetClock", "ChargesWork", "DepthSchedule", "LayerControl", "PerExampleLoss"]
 
 
 @runtime_checkable
@@ -101,3 +103,27 @@ class DepthSchedule(ABC):
     def planned_phase(self, tau: float) -> str | None:
         """For ``train.py plan``: a name for the phase at ``tau`` (``None``: name it by its depth)."""
         return None
+
+
+class BatchSelector(ABC):
+    """A callback that picks each training micro-batch from scored candidates; at most one per run.
+
+    The data module hands it ``open_candidates(position, mask_pass_period)`` (an iterator over this
+    rank's candidate micro-batches from rank-batch ``position`` to the end of its pass) and serves what
+    ``training_batches`` returns: an endless stream of ``core.selection.PendingBatch``, each assembled
+    into exactly ``batch_size`` selected examples just before its training step.
+
+    Attributes:
+        scoring_wall_seconds: time this process spent scoring candidates in this fit, if the selection is
+            charged (``RSTBudget`` in wall mode adds it to the measured training time).
+    """
+
+    scoring_wall_seconds: float = 0.0
+
+    @abstractmethod
+    def training_batches(self, open_candidates: Any, batch_size: int) -> Any:
+        """The training loader: an endless iterable of ``PendingBatch``."""
+
+    @abstractmethod
+    def planned_scored_per_trained(self) -> float:
+        """For ``train.py plan``: expected forward-only examples charged per trained example."""

@@ -88,6 +88,19 @@ class WorkLedger:
             }
         )
 
+    @classmethod
+    def over_processes(cls, local_ledgers: list[Mapping[str, float]]) -> WorkLedger:
+        """The whole run's work from every process's local counts: examples summed (ranks may score
+        different numbers of candidates), optimizer steps counted once (every rank steps its replica)."""
+        total = WorkLedger()
+        for rank, counts in enumerate(local_ledgers):
+            for name, amount in WorkLedger(counts).counts.items():
+                if name.split("/", 1)[0] in EXAMPLE_KINDS:
+                    total.counts[name] += amount
+                elif rank == 0:
+                    total.counts[name] += amount
+        return total
+
     def __add__(self, other: WorkLedger) -> WorkLedger:
         total = WorkLedger(self.counts)
         for name, amount in other.counts.items():

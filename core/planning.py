@@ -4,7 +4,9 @@
 active layers, same arithmetic) until the budget is spent, without data or training, and reports
 steps, tokens and RST per phase. A callback that changes the depth plugs in as a
 ``DepthSchedule`` (``core/contracts.py``): ``planned_active_layers`` (layer dropping replays the very
-draws the run will make) and ``planned_phase`` to name its phases.
+draws the run will make) and ``planned_phase`` to name its phases. Batch selection plugs in as a
+``BatchSelector``: ``planned_scored_per_trained`` forward-only examples are charged per trained
+example (its expectation: selective backprop's keep rate is random), at the step's depth.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from core.contracts import DepthSchedule
+from core.contracts import BatchSelector, DepthSchedule
 from core.cost_table import CostTable
 from core.errors import UserError
 from core.ledger import WorkLedger
@@ -33,11 +35,13 @@ def simulate(
     active_layers_at: Callable[[float, int], int] | None = None,
     phase_at: Callable[[float], str] | None = None,
     max_steps: int | None = None,
+    scored_per_trained: float = 0.0,
 ) -> dict[str, Any]:
     """Charge a ledger step by step as ``RSTBudget`` and the module do, until the budget is spent.
 
     ``active_layers_at(tau, step)`` gives the depth of each step; ``phase_at(tau)`` names its phase
-    (``None`` or absent: the depth). The step that crosses the budget is executed (as in the paper and a real run).
+    (``None`` or absent: the depth); ``scored_per_trained`` forward-only examples are charged per trained
+    example (batch selection). The step that crosses the budget is executed (as in the paper and a real run).
     """
     ledger = WorkLedger()
     phases: list[dict[str, Any]] = []
@@ -49,6 +53,8 @@ def simulate(
         before = spent
         for _ in range(micro_batches_per_step):
             ledger.charge_fwd_bwd(layers, micro_batch_size)
+            if scored_per_trained:
+                ledger.charge_fwd(layers, micro_batch_size * scored_per_trained)
         ledger.charge_optimizer_step(optimizer_name)
         spent = table.seconds(ledger)
         steps += 1
@@ -63,12 +69,15 @@ def simulate(
         phase["micro_batches"] = phase["optimizer_steps"] * micro_batches_per_step
         phase["tokens"] = phase["micro_batches"] * micro_batch_size * tokens_per_example
     micro_batches = steps * micro_batches_per_step
+    forwards = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("fwd/")})
     return {
         "optimizer_steps": steps,
         "micro_batches": micro_batches,
         "examples": micro_batches * micro_batch_size,
         "tokens": micro_batches * micro_batch_size * tokens_per_example,
         "rst_seconds": spent,
+        "selection_rst_seconds": table.seconds(forwards) if forwards.counts else 0.0,
+        "scored_examples": ledger.examples("fwd"),
         "budget_seconds": budget_seconds,
         "stopped_by": "budget" if spent >= budget_seconds else "max_steps",
         "phases": phases,
@@ -95,6 +104,10 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
             return schedule.planned_active_layers(tau, num_layers, step, required)
 
         phase_at = schedule.planned_phase
+    selectors = [c for c in trainer.callbacks if isinstance(c, BatchSelector)]
+    if len(selectors) > 1:
+        raise UserError(f"trainer.callbacks holds {len(selectors)} batch selectors: keep one")
+    scored_per_trained = selectors[0].planned_scored_per_trained() if selectors else 0.0
     optimizer = model.build_optimizer()
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     result = simulate(
@@ -108,6 +121,7 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
         active_layers_at=active_layers_at,
         phase_at=phase_at,
         max_steps=max_steps,
+        scored_per_trained=scored_per_trained,
     )
     result["table"] = table.path
     result["world_size"] = trainer.world_size

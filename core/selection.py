@@ -21,17 +21,40 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
+from core.batch import PASS_INDEX
+
 __all__ = [
     "LossHistory",
+    "PassIndexedCollator",
+    "PendingBatch",
     "expected_keep_rate",
     "keep_probabilities",
     "keep_uniforms",
     "strict_percentiles",
     "top_k_indices",
 ]
+
+
+class PendingBatch:
+    """A training micro-batch that a batch selector assembles when training is ready for it.
+
+    The data loader hands these out (Lightning fetches one batch ahead); the data module turns each
+    into real tensors in ``on_before_batch_transfer``, right before its training step, so every
+    selection is scored with the weights of the step that trains it and a checkpoint never holds a
+    batch that was scored but not trained.
+    """
+
+    __slots__ = ("source",)
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def assemble(self):
+        return self.source.assemble()
 
 
 class LossHistory:
@@ -116,3 +139,22 @@ def top_k_indices(scores: Sequence[float], example_ids: Sequence[int], k: int) -
         raise ValueError(f"cannot keep {k} of {scores.size} candidates")
     order = np.lexsort((ids, -scores))  # primary key: score descending; ties: id ascending
     return np.sort(order[:k])
+
+
+class PassIndexedCollator:
+    """Wrap a training collator: add each example's pass (``PASS_INDEX``) to the batch, and mask pass ``p``
+    like pass ``p mod mask_pass_period`` when a period is given."""
+
+    def __init__(self, collate, mask_pass_period: int | None = None) -> None:
+        self.collate = collate
+        self.mask_pass_period = mask_pass_period
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        import torch
+
+        passes = [int(e[PASS_INDEX]) for e in examples]
+        if self.mask_pass_period:
+            examples = [{**e, PASS_INDEX: p % self.mask_pass_period} for e, p in zip(examples, passes, strict=True)]
+        batch = self.collate(examples)
+        batch[PASS_INDEX] = torch.as_tensor(passes, dtype=torch.long)
+        return batch

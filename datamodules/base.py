@@ -4,6 +4,9 @@
 ``setup`` (every process) loads it and checks that the training split holds at least one optimizer
 step of every process. Training reads the packed sequences in order through the resumable,
 rank-sharded stream of ``datamodules/streams.py``; validation reads a fixed split with fixed masks.
+With a batch-selection callback (``core.contracts.BatchSelector``) that stream supplies *candidates*:
+the selector scores them and hands out training micro-batches of exactly ``batch_size`` selected
+examples, each assembled just before its training step (``on_before_batch_transfer``).
 Subclasses (``MLMDataModule``, ``SpanCorruptionDataModule``) choose the tokenizer and the collator.
 """
 
@@ -11,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
+from core.contracts import BatchSelector
 from core.errors import UserError
+from core.selection import PassIndexedCollator, PendingBatch
 from datamodules.corpora import Corpus, default_cache_dir
 from datamodules.packed_cache import PackedCache, PackingSpec
 from datamodules.streams import ResumableLoader, SequentialTrainingStream
@@ -34,6 +39,10 @@ class PretrainingDataModule(L.LightningDataModule):
         batch_size: sequences per training micro-batch (per device).
         eval_batch_size: sequences per validation batch; defaults to ``batch_size``.
         validation_fraction: fraction of documents held out for validation.
+        holdout_fraction: fraction of the remaining (training) documents set aside as a ``holdout``
+            split, disjoint from training and validation (RHO-loss's irreducible-loss model trains on it;
+            paper: 0.2); 0 keeps every non-validation document for training.
+        train_split: which split training reads: ``train`` or ``holdout`` (the irreducible-loss model).
         max_validation_sequences: cap on the packed validation split (paper: 10,000).
         tokenizer_path: use this tokenizer (a directory saved by this project, e.g. ``<cache>/packed/<key>/tokenizer``)
             instead of training one, to share one vocabulary between corpora or runs.
@@ -55,6 +64,8 @@ class PretrainingDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         validation_fraction: float = 0.005,
+        holdout_fraction: float = 0.0,
+        train_split: Literal["train", "holdout"] = "train",
         max_validation_sequences: int = 10000,
         tokenizer_path: str | None = None,
         split_seed: int = 0,
@@ -73,6 +84,12 @@ class PretrainingDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size={batch_size} must be positive")
         if not 0.0 < validation_fraction < 1.0:
             raise UserError(f"data.validation_fraction={validation_fraction} must be in (0, 1), e.g. 0.005")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise UserError(f"data.holdout_fraction={holdout_fraction} must be in [0, 1), e.g. 0.2 for RHO-loss")
+        if train_split not in ("train", "holdout"):
+            raise UserError(f"data.train_split={train_split!r}: use 'train' or 'holdout'")
+        if train_split == "holdout" and holdout_fraction <= 0:
+            raise UserError("data.train_split=holdout needs a holdout split: set data.holdout_fraction, e.g. 0.2")
         if max_validation_sequences <= 0:
             raise UserError(f"data.max_validation_sequences={max_validation_sequences} must be positive")
         if tokenizer_path is not None and not (Path(tokenizer_path) / "tokenizer.json").exists():
@@ -88,6 +105,8 @@ class PretrainingDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.validation_fraction = validation_fraction
+        self.holdout_fraction = holdout_fraction
+        self.train_split = train_split
         self.max_validation_sequences = max_validation_sequences
         self.tokenizer_path = tokenizer_path
         self.split_seed = split_seed
@@ -95,6 +114,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer = None
+        self.splits: dict[str, Any] = {}
         self.train_dataset = None
         self.val_dataset = None
         self.stats: dict[str, Any] = {}
@@ -124,6 +144,7 @@ class PretrainingDataModule(L.LightningDataModule):
             max_validation_sequences=self.max_validation_sequences,
             split_seed=self.split_seed,
             tokenizer_path=self.tokenizer_path,
+            holdout_fraction=self.holdout_fraction,
         )
         return PackedCache(spec, self, self.cache_dir)
 
@@ -151,8 +172,32 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
-            self.train_dataset, self.val_dataset, self.tokenizer, self.stats = self.cache.load()
+            self.splits, self.tokenizer, self.stats = self.cache.load()
+            self.train_dataset, self.val_dataset = self.splits[self.train_split], self.splits["validation"]
         self._check_sizes(self.stats)
+
+    # ----- what batch selection checks (the irreducible-loss file of `train.py score`) -------------
+    def masking_settings(self) -> dict[str, Any]:
+        """The settings that decide the training masks (or corruption) of an example, mask seed included."""
+        raise NotImplementedError
+
+    def examples_fingerprint(self, split: str = "train") -> dict[str, Any]:
+        """What identifies the examples of ``split`` and their training masks: an irreducible-loss file
+        made for other examples (another corpus, split, tokenizer, mask seed or size) is refused."""
+        meta = self.stats
+        return {
+            "objective": self.objective,
+            "source": meta.get("source"),
+            "split": split,
+            "split_seed": self.split_seed,
+            "validation_fraction": self.validation_fraction,
+            "holdout_fraction": self.holdout_fraction,
+            "sequence_length": self.raw_sequence_length,
+            "tokenizer_sha256": meta.get("tokenizer_sha256"),
+            "masking": self.masking_settings(),
+            "num_examples": int(meta[split]["sequences"]),
+            "input_ids_sha256": meta[split].get("input_ids_sha256"),
+        }
 
     def _sequences_per_step(self) -> tuple[int, str]:
         trainer = getattr(self, "trainer", None)
@@ -165,11 +210,11 @@ class PretrainingDataModule(L.LightningDataModule):
         )
 
     def _check_sizes(self, meta: dict[str, Any]) -> None:
-        n_train = meta["train"]["sequences"]
+        n_train = meta[self.train_split]["sequences"]
         needed, how = self._sequences_per_step()
         if n_train < needed:
             raise UserError(
-                f"the corpus yields {n_train} training sequences of {self.raw_sequence_length} tokens, fewer than "
+                f"the corpus yields {n_train} {'training' if self.train_split == 'train' else 'holdout'} sequences of {self.raw_sequence_length} tokens, fewer than "
                 f"one optimizer step needs ({how} = {needed}): add text, or lower data.batch_size, "
                 "trainer.accumulate_grad_batches or data.seq_len"
             )
@@ -179,9 +224,21 @@ class PretrainingDataModule(L.LightningDataModule):
                 "raise data.validation_fraction or add text"
             )
 
-    def train_dataloader(self) -> DataLoader:
+    def batch_selector(self) -> BatchSelector | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        selectors = [c for c in trainer.callbacks if isinstance(c, BatchSelector)]
+        if len(selectors) > 1:
+            raise UserError(f"trainer.callbacks holds {len(selectors)} batch selectors: keep one")
+        return selectors[0] if selectors else None
+
+    def train_dataloader(self):
         # already shuffled once, offline, with split_seed; read in order, resumable (datamodules/streams.py)
         trainer = getattr(self, "trainer", None)
+        selector = self.batch_selector()
+        if selector is not None:
+            return selector.training_batches(self._open_candidates, self.batch_size)
         stream = SequentialTrainingStream(
             self.train_dataset,
             self.batch_size,
@@ -194,6 +251,28 @@ class PretrainingDataModule(L.LightningDataModule):
             collate_fn=self.make_collator(fixed=False),
             num_workers=self.num_workers,
         )
+
+    def _open_candidates(self, position: int, mask_pass_period: int | None = None):
+        """An iterator over this rank's candidate micro-batches from rank-batch ``position`` to the end of
+        its pass; each batch carries ``PASS_INDEX``. With ``mask_pass_period`` P, pass ``p`` is masked
+        like pass ``p mod P`` (the passes an irreducible-loss file was scored for)."""
+        stream = SequentialTrainingStream(self.train_dataset, self.batch_size)
+        loader = ResumableLoader(
+            stream,
+            position=lambda: position,
+            batch_size=self.batch_size,
+            collate_fn=PassIndexedCollator(self.make_collator(fixed=False), mask_pass_period),
+            num_workers=self.num_workers,
+        )
+        return iter(loader)
+
+    def candidate_batches_per_pass(self) -> int:
+        return SequentialTrainingStream(self.train_dataset, self.batch_size).batches_per_pass()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, PendingBatch):  # a selected training micro-batch, assembled now, after the last step
+            return batch.assemble()
+        return batch
 
     def _batches_consumed(self) -> int:
         """Training batches this rank has consumed since the run began (restored when Lightning resumes)."""
@@ -208,3 +287,4 @@ class PretrainingDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+

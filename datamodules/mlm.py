@@ -75,6 +75,9 @@ class MLMDataModule(PretrainingDataModule):
         counts[: len(BERT_SPECIAL_TOKENS)] = 0.0
         return counts / max(counts.sum(), 1.0)
 
+    def masking_settings(self) -> dict[str, Any]:
+        return {"mask_seed": self.mask_seed, "mlm_probability": self.mlm_probability}
+
     # ----- batches --------------------------------------------------------------------------------
     def _collator(self, vocab_size: int, fixed: bool, seed: int) -> MLMCollator:
         return MLMCollator(

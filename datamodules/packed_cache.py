@@ -4,15 +4,23 @@ The recipe (paper section 3; docs/paper.md, "Data"):
 
 1. documents from the corpus (``Corpus.load``);
 2. a document-level split with ``split_seed``: ``validation_fraction`` of the documents are held out,
-   so the tokenizer (trained next) never sees validation text;
-3. a tokenizer trained on the training documents (or the one at ``tokenizer_path``), saved as a
-   ``transformers`` fast tokenizer;
+   so the tokenizer (trained next) never sees validation text; with ``holdout_fraction`` > 0, that
+   share of the remaining (training) documents becomes a third, ``holdout`` split (RHO-loss trains its
+   irreducible-loss model on it; paper section 5.2: 20 %). The validation documents are the same at any
+   ``holdout_fraction``;
+3. a tokenizer trained on all non-validation documents (training and holdout alike), or the one at
+   ``tokenizer_path``, saved as a ``transformers`` fast tokenizer; a trained one is cached in
+   ``<cache_dir>/tokenizers/<key>/`` and reused by every packed cache of the same documents, so runs
+   that differ only in ``holdout_fraction`` or ``seq_len`` share one vocabulary;
 4. documents tokenized (``num_proc`` processes), followed by the separator and packed into
    sequences block by block (``datamodules/packing.py``: the same sequences at any ``num_proc``);
 5. training sequences shuffled once with ``split_seed`` and numbered: ``example_id`` is the index
    into the packed training split (the training stream reads them in that order, like the paper's
-   offline-shuffled sequential loader); the validation split is capped at ``max_validation_sequences``;
-6. the unigram entropy of the training targets (what predicting token frequencies alone would score).
+   offline-shuffled sequential loader; the holdout split likewise); the validation split is capped at
+   ``max_validation_sequences``;
+6. the unigram entropy of the training targets (what predicting token frequencies alone would score),
+   a SHA-256 of each split's input ids in ``example_id`` order and of the tokenizer file (the
+   irreducible-loss file of ``train.py score`` records them, and ``RhoLoss`` checks them).
 
 The result lives in ``<cache_dir>/packed/<key>/`` (``data/``, ``tokenizer/``, ``meta.json``), where the
 key hashes everything that changes it. It is written into a temporary directory and renamed into
@@ -38,9 +46,17 @@ from core.errors import UserError
 from datamodules.corpora import Corpus, remove_tree
 from datamodules.packing import entropy_nats, pack_documents, token_counts, tokenize_batch
 
-__all__ = ["CACHE_FORMAT", "PACK_BLOCK_DOCUMENTS", "PackedCache", "PackingObjective", "PackingSpec", "split_documents"]
+__all__ = [
+    "CACHE_FORMAT",
+    "PACK_BLOCK_DOCUMENTS",
+    "PackedCache",
+    "PackingObjective",
+    "PackingSpec",
+    "input_ids_digest",
+    "split_documents",
+]
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 PACK_BLOCK_DOCUMENTS = 1000
 
 
@@ -71,18 +87,43 @@ class PackingSpec:
     max_validation_sequences: int
     split_seed: int
     tokenizer_path: str | None = None
+    holdout_fraction: float = 0.0
 
 
-def split_documents(documents, validation_fraction: float, seed: int) -> dict[str, Any]:
-    """Hold out ``validation_fraction`` of the documents (at least one), chosen with ``seed``."""
+def split_documents(documents, validation_fraction: float, seed: int, holdout_fraction: float = 0.0) -> dict[str, Any]:
+    """Split the documents with one permutation drawn from ``seed``.
+
+    ``validation``: the first ``validation_fraction`` of the permuted documents (at least one);
+    ``holdout`` (only if ``holdout_fraction`` > 0): the next ``holdout_fraction`` of the rest (at least one);
+    ``train``: everything after. The three are disjoint, and the validation documents do not depend on
+    ``holdout_fraction``.
+    """
     n_docs = len(documents)
-    if n_docs < 2:
+    needed = 3 if holdout_fraction > 0 else 2
+    if n_docs < needed:
         raise UserError(
-            f"the corpus has {n_docs} document; at least 2 are needed (one to train on, one to validate): add text"
+            f"the corpus has {n_docs} document(s); at least {needed} are needed (one per split): add text"
         )
     order = np.random.default_rng(seed).permutation(n_docs)
-    n_val = min(max(1, math.ceil(validation_fraction * n_docs)), n_docs - 1)
-    return {"train": documents.select(order[n_val:]), "validation": documents.select(order[:n_val])}
+    n_val = min(max(1, math.ceil(validation_fraction * n_docs)), n_docs - needed + 1)
+    splits = {"validation": documents.select(order[:n_val])}
+    n_hold = 0
+    if holdout_fraction > 0:
+        n_hold = min(max(1, math.ceil(holdout_fraction * (n_docs - n_val))), n_docs - n_val - 1)
+        splits["holdout"] = documents.select(order[n_val : n_val + n_hold])
+    splits["train"] = documents.select(order[n_val + n_hold :])
+    splits["tokenizer"] = documents.select(order[n_val:])  # every non-validation document
+    return splits
+
+
+def input_ids_digest(split) -> str:
+    """SHA-256 of a packed split's input ids, row by row in ``example_id`` order (int64, little-endian)."""
+    digest = hashlib.sha256()
+    column = split.with_format("numpy")
+    for start in range(0, len(split), 4096):
+        rows = np.asarray(column[start : start + 4096]["input_ids"], dtype="<i8")
+        digest.update(rows.tobytes())
+    return digest.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
@@ -158,14 +199,48 @@ class PackedCache:
         rank_zero_info(f"Packed dataset cached at {path}.")
         return meta
 
-    def _obtain_tokenizer(self, documents):
-        if self.spec.tokenizer_path is None:
-            rank_zero_info(f"Training a tokenizer (vocabulary {self.spec.vocab_size}) on {len(documents)} documents ...")
-            return self.objective.train_tokenizer(documents)
+    def tokenizer_key(self, source_fingerprint: str) -> str:
+        """What decides a trained tokenizer: the corpus, the validation documents left out, the settings.
+
+        Not the holdout fraction nor the sequence length: runs that differ only in those share one
+        tokenizer. (Training one is not bit-reproducible: the trainer breaks ties between equally
+        frequent merges in hash order; a cached tokenizer is.)
+        """
+        spec = self.spec
+        settings = {
+            "objective": self.objective.objective,
+            "source": source_fingerprint,
+            "vocab_size": spec.vocab_size,
+            "validation_fraction": spec.validation_fraction,
+            "split_seed": spec.split_seed,
+            "tokenizer": self.objective.tokenizer_settings(),
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{self.objective.objective}-{spec.corpus.source}-{digest}"
+
+    def _obtain_tokenizer(self, documents, source_fingerprint: str):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.spec.tokenizer_path)
-        self.objective.check_tokenizer(tokenizer)
+        if self.spec.tokenizer_path is not None:
+            tokenizer = AutoTokenizer.from_pretrained(self.spec.tokenizer_path)
+            self.objective.check_tokenizer(tokenizer)
+            return tokenizer
+        shared = self.cache_dir / "tokenizers" / self.tokenizer_key(source_fingerprint)
+        if (shared / "tokenizer.json").exists():
+            rank_zero_info(f"Reusing the tokenizer trained for these documents: {shared}")
+            return AutoTokenizer.from_pretrained(str(shared))
+        rank_zero_info(f"Training a tokenizer (vocabulary {self.spec.vocab_size}) on {len(documents)} documents ...")
+        tokenizer = self.objective.train_tokenizer(documents)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{shared.name}.", dir=shared.parent))
+        try:
+            tokenizer.save_pretrained(str(staging))
+            try:
+                os.rename(staging, shared)
+            except OSError:  # another process saved one first: use that one
+                return AutoTokenizer.from_pretrained(str(shared))
+        finally:
+            remove_tree(staging)
         return tokenizer
 
     def _build_into(self, staging: Path, num_proc: int | None) -> dict[str, Any]:
@@ -174,8 +249,8 @@ class PackedCache:
 
         spec = self.spec
         documents, fingerprint = spec.corpus.load(self.cache_dir)
-        splits = split_documents(documents, spec.validation_fraction, spec.split_seed)
-        tokenizer = self._obtain_tokenizer(splits["train"])
+        splits = split_documents(documents, spec.validation_fraction, spec.split_seed, spec.holdout_fraction)
+        tokenizer = self._obtain_tokenizer(splits.pop("tokenizer"), fingerprint)
         separator = self.objective.separator_id(tokenizer)
         packed: dict[str, Any] = {}
         meta: dict[str, Any] = {"documents": {name: len(split) for name, split in splits.items()}}
@@ -194,7 +269,7 @@ class PackedCache:
                 tokens, spec.sequence_length, separator, PACK_BLOCK_DOCUMENTS, num_proc,
                 desc=f"Packing {name} into {spec.sequence_length}-token sequences",
             )
-            if name == "train":
+            if name != "validation":
                 chunks = chunks.shuffle(seed=spec.split_seed).flatten_indices()
             else:
                 chunks = chunks.select(range(min(len(chunks), spec.max_validation_sequences)))
@@ -204,6 +279,7 @@ class PackedCache:
                 "sequences": len(chunks),
                 "stream_tokens": stream,
                 "packed_tokens": len(chunks) * spec.sequence_length,
+                "input_ids_sha256": input_ids_digest(chunks),
             }
         meta["train"]["dropped_remainder_tokens"] = meta["train"]["stream_tokens"] - meta["train"]["packed_tokens"]
         counts = token_counts(packed["train"], len(tokenizer))
@@ -216,6 +292,7 @@ class PackedCache:
         )
         datasets.DatasetDict(packed).save_to_disk(str(staging / "data"))
         tokenizer.save_pretrained(str(staging / "tokenizer"))
+        meta["tokenizer_sha256"] = _file_digest(staging / "tokenizer" / "tokenizer.json")
         (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         rank_zero_info(
             f"Packed {meta['train']['sequences']} training and {meta['validation']['sequences']} validation "
@@ -226,11 +303,11 @@ class PackedCache:
 
     # ----- load ---------------------------------------------------------------------------------
     def load(self):
-        """``(train, validation, tokenizer, meta)``: numpy-formatted splits and the saved tokenizer."""
+        """``(splits, tokenizer, meta)``: the numpy-formatted splits by name and the saved tokenizer."""
         import datasets
         from transformers import AutoTokenizer
 
         meta = self.meta()
         data = datasets.load_from_disk(str(self.path / "data"))
         tokenizer = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"))
-        return data["train"].with_format("numpy"), data["validation"].with_format("numpy"), tokenizer, meta
+        return {name: split.with_format("numpy") for name, split in data.items()}, tokenizer, meta

@@ -102,6 +102,13 @@ class SpanCorruptionDataModule(PretrainingDataModule):
         ids = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(T5_SENTINELS)])
         return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
+    def masking_settings(self) -> dict[str, Any]:
+        return {
+            "mask_seed": self.mask_seed,
+            "noise_density": self.noise_density,
+            "mean_noise_span_length": self.mean_noise_span_length,
+        }
+
     # ----- batches --------------------------------------------------------------------------------
     def _collator(self, sentinel_ids: list[int], fixed: bool, seed: int) -> SpanCorruptionCollator:
         return SpanCorruptionCollator(

@@ -160,7 +160,16 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     # ----- work ----------------------------------------------------------------------------------
     def work_done(self, world_size: int) -> WorkLedger:
-        """The whole run's work so far: before this fit (checkpoint) plus this fit on every process."""
+        """The whole run's work so far: before this fit (checkpoint) plus this fit on every process.
+
+        Under DDP this gathers every rank's counts (a collective: call it on every rank): batch
+        selection scores a different number of candidates on each rank.
+        """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if world_size > 1 and distributed and torch.distributed.get_world_size() == world_size:
+            gathered: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(gathered, dict(self.work_ledger.counts))
+            return self.work_before + WorkLedger.over_processes(gathered)
         return self.work_before + self.work_ledger.global_work(world_size)
 
     # ----- steps --------------------------------------------------------------------------------
