@@ -113,30 +113,84 @@ def plan_command(argv: list[str]) -> None:
     print(json.dumps(plan_run(trainer, model, datamodule, table, seconds), indent=2))
 
 
+def _optimizer_builders(model, class_paths: str | None) -> list:
+    """Functions that build each optimizer class named in ``class_paths`` (comma-separated) over ``model``
+    with the class's defaults, grouped as the module groups its parameters (``build_optimizer``)."""
+    import importlib
+
+    builders = []
+    for path in filter(None, (class_paths or "").split(",")):
+        module_name, _, class_name = path.strip().rpartition(".")
+        try:
+            optimizer_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError):
+            raise UserError(f"--optimizers: cannot import {path!r}; give class paths, e.g. "
+                            "lightning_modules.optimizers.Lion,pytorch_optimizer.SOAP") from None
+
+        def build(optimizer_class=optimizer_class):
+            saved, model.optimizer_factory = model.optimizer_factory, optimizer_class
+            try:
+                return model.build_optimizer()
+            finally:
+                model.optimizer_factory = saved
+
+        builders.append(build)
+    return builders
+
+
 def calibrate_command(argv: list[str]) -> None:
-    """``train.py calibrate --config CFG --output FILE [--warmup N --iterations N --rounds N]``: measure a table."""
-    from core.calibration import calibrate
+    """``train.py calibrate --config CFG --output FILE [--optimizers A,B] [--update]``: measure a cost table."""
+    from core.calibration import calibrate, time_optimizer_steps
+    from core.cost_table import CostTable
 
     parser = argparse.ArgumentParser(prog="train.py calibrate", description=calibrate_command.__doc__)
     parser.add_argument("--output", required=True, help="where to write the table (JSON, written atomically)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations; their median is one round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all depths; the fastest is kept")
+    parser.add_argument("--optimizers", help="more optimizers to time besides the config's, as class paths, "
+                        "e.g. lightning_modules.optimizers.Lion,lightning_modules.optimizers.SophiaG")
+    parser.add_argument("--update", action="store_true", help="time only the optimizers' steps and add them to "
+                        "the existing table at --output (its other prices are kept)")
     known, rest = parser.parse_known_args(argv)
     if known.warmup < 0 or known.iterations < 1 or known.rounds < 1:
         raise UserError("--warmup must be >= 0, --iterations and --rounds >= 1")
     trainer, model, datamodule = _configured(rest)
+    builders = _optimizer_builders(model, known.optimizers)
+    device = trainer.strategy.root_device
+    if known.update:
+        if not builders:
+            raise UserError("--update times the optimizers named by --optimizers: name at least one")
+        table = CostTable.load(known.output)
+        table.check_run(micro_batch_size=datamodule.batch_size, seq_len=datamodule.seq_len, num_layers=model.num_layers)
+        batch = {k: v.to(device) for k, v in datamodule.synthetic_batch(datamodule.batch_size).items()}
+        model.to(device).train()
+
+        def make_gradients() -> None:
+            model.zero_grad(set_to_none=True)
+            loss, _ = model.compute_loss(batch)
+            loss.backward()
+
+        measured = time_optimizer_steps(model, make_gradients, builders, device, known.warmup, known.iterations,
+                                        known.rounds)
+        table.optimizer_step_seconds.update(measured)
+        table.save(known.output)
+        for name, seconds in measured.items():
+            print(f"  optimizer step ({name}): {seconds * 1e3:.3f} ms")
+        print(f"updated {known.output}: optimizer step prices for {', '.join(measured)}")
+        return
     print(f"Calibrating {type(model).__name__} ({model.num_layers} layers), micro-batch {datamodule.batch_size} "
-          f"x {datamodule.seq_len} tokens, precision {trainer.precision}, on {trainer.strategy.root_device}:")
+          f"x {datamodule.seq_len} tokens, precision {trainer.precision}, on {device}:")
     table = calibrate(
         model,
         datamodule.synthetic_batch(datamodule.batch_size),
-        device=trainer.strategy.root_device,
+        device=device,
         precision=str(trainer.precision),
         seq_len=datamodule.seq_len,
         warmup=known.warmup,
         iterations=known.iterations,
         rounds=known.rounds,
+        extra_optimizers=builders,
     )
     table.save(known.output)
     full = table.fwd_bwd_seconds[-1]

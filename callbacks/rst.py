@@ -162,6 +162,9 @@ class RSTBudget(Callback, BudgetClock):
             rank_zero_info(f"RSTBudget: {message}.")
             self._restored, self._restored_step = None, None
         self._batch_start = None
+        if self.table is not None:
+            for optimizer in trainer.optimizers:  # a price it lacks fails now, not at the first step
+                self.table.optimizer_step(type(optimizer).__name__)
         self._baseline, self._selection_baseline = self._local_seconds(pl_module)
         self.selection_spent = self._selection_offset
         self._checked_step = trainer.global_step

@@ -13,7 +13,7 @@ import datetime
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -40,6 +40,18 @@ def _median_seconds(fn: Callable[[], None], device: torch.device, warmup: int, i
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _mean_seconds(fn: Callable[[], None], device: torch.device, warmup: int, iterations: int) -> float:
+    """Mean over ``iterations``: right for work whose cost comes in periodic bursts (SOAP's preconditioner)."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - start) / iterations
 
 
 def _autocast(device: torch.device, precision: str):
@@ -74,11 +86,14 @@ def calibrate(
     iterations: int = 10,
     rounds: int = 3,
     progress: Callable[[str], None] = print,
+    extra_optimizers: Sequence[Callable[[], Any]] = (),
 ) -> CostTable:
     """Measure a cost table for ``model`` on ``batch`` (one micro-batch of the run's shape) on ``device``.
 
     ``model`` offers layer control, ``compute_loss``, ``per_example_loss`` and ``build_optimizer``;
     ``precision`` is Lightning's precision string (``32-true``, ``bf16-mixed``, ...).
+    ``extra_optimizers``: functions that build further optimizers over the model, whose step is timed
+    too (a table then prices runs with any of them).
     """
     precision = str(precision)
     if getattr(model, "float32_matmul_precision", None):  # e.g. TF32 for the paper's T5
@@ -121,16 +136,20 @@ def calibrate(
         progress(f"  round {round_index + 1}/{rounds} done")
     fb_seconds = [min(fb_rounds[k]) for k in depths]
     f_seconds = [min(f_rounds[k]) for k in depths]
-    optimizer_seconds = min(opt_rounds)
+    optimizer_seconds = {type(optimizer).__name__: min(opt_rounds)}
     for k in depths:
         progress(f"  {k:3d} layers: forward+backward {fb_seconds[k - 1] * 1e3:9.3f} ms, "
                  f"forward {f_seconds[k - 1] * 1e3:9.3f} ms")
-    progress(f"  optimizer step ({type(optimizer).__name__}): {optimizer_seconds * 1e3:.3f} ms")
+    optimizer_seconds.update(
+        time_optimizer_steps(model, fwd_bwd, extra_optimizers, device, warmup, iterations, rounds)
+    )
+    for name, seconds in optimizer_seconds.items():
+        progress(f"  optimizer step ({name}): {seconds * 1e3:.3f} ms")
     hparams = dict(model.hparams) if hasattr(model, "hparams") else {}
     return CostTable(
         fwd_bwd_seconds=fb_seconds,
         fwd_seconds=f_seconds,
-        optimizer_step_seconds={type(optimizer).__name__: optimizer_seconds},
+        optimizer_step_seconds=optimizer_seconds,
         micro_batch_size=micro_batch_size,
         seq_len=seq_len,
         machine={
@@ -146,3 +165,27 @@ def calibrate(
         },
         model={"class": type(model).__name__, **{k: v for k, v in hparams.items() if isinstance(v, (int, float, str))}},
     )
+
+
+def time_optimizer_steps(
+    model: Any,
+    make_gradients: Callable[[], None],
+    builders: Sequence[Callable[[], Any]],
+    device: torch.device,
+    warmup: int = 3,
+    iterations: int = 10,
+    rounds: int = 3,
+) -> dict[str, float]:
+    """Seconds of one step of each optimizer ``builders`` make over ``model`` (min over rounds of the mean
+    over ``iterations`` steps, so a periodic cost such as SOAP's preconditioner update is amortised: use at
+    least its period), after ``make_gradients()`` (a forward+backward at full depth) fills every gradient."""
+    model.set_active_layers(None)
+    result: dict[str, float] = {}
+    for build in builders:
+        optimizer = build()
+        make_gradients()
+        result[type(optimizer).__name__] = min(
+            _mean_seconds(optimizer.step, device, warmup, iterations) for _ in range(rounds)
+        )
+        del optimizer
+    return result

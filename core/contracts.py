@@ -26,7 +26,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from core.ledger import WorkLedger
 
-__all__ = ["BatchSelector", "BudgetClock", "ChargesWork", "DepthSchedule", "LayerControl", "PerExampleLoss"]
+__all__ = [
+    "BatchSelector",
+    "BudgetClock",
+    "ChargesWork",
+    "DepthSchedule",
+    "EstimatesHessian",
+    "LayerControl",
+    "PerExampleLoss",
+]
 
 
 @runtime_checkable
@@ -68,6 +76,18 @@ class ChargesWork(Protocol):
     work_ledger: WorkLedger
 
     def work_done(self, world_size: int) -> WorkLedger: ...
+
+
+@runtime_checkable
+class EstimatesHessian(Protocol):
+    """An optimizer that needs a Hessian estimate every ``hessian_interval`` steps (Sophia) over
+    ``hessian_micro_batches`` micro-batches of the step (``None``: all); ``free_hessian``: not charged.
+    The training module runs the passes and charges them (``hessian/<k>`` in the ledger); ``plan``
+    charges them the same way."""
+
+    hessian_interval: int
+    hessian_micro_batches: int | None
+    free_hessian: bool
 
 
 class BudgetClock(ABC):

@@ -36,7 +36,9 @@ class CostTable:
 
     ``fwd_bwd_seconds[k-1]`` is one forward+backward micro-batch with ``k`` active layers;
     ``fwd_seconds`` the same forward-only (a list, or one number for every ``k``);
-    ``optimizer_step_seconds`` maps an optimizer class name to seconds per step (missing = 0).
+    ``optimizer_step_seconds`` maps an optimizer class name to seconds per step (missing = 0);
+    a Hessian pass (Sophia) costs a forward+backward micro-batch, unless ``hessian_in_optimizer_step``
+    says the optimizer step prices already include them (the paper's T5 table timed whole steps).
     """
 
     fwd_bwd_seconds: list[float]
@@ -44,6 +46,7 @@ class CostTable:
     seq_len: int
     fwd_seconds: list[float] | float | None = None
     optimizer_step_seconds: dict[str, float] = field(default_factory=dict)
+    hessian_in_optimizer_step: bool = False
     machine: Any = None
     model: Any = None
     notes: str | None = None
@@ -80,6 +83,7 @@ class CostTable:
             seq_len=int(data["seq_len"]),
             fwd_seconds=data.get("fwd_seconds"),
             optimizer_step_seconds={str(k): float(v) for k, v in (data.get("optimizer_step_seconds") or {}).items()},
+            hessian_in_optimizer_step=bool(data.get("hessian_in_optimizer_step", False)),
             machine=data.get("machine"),
             model=data.get("model"),
             notes=data.get("notes"),
@@ -96,6 +100,7 @@ class CostTable:
             "fwd_bwd_seconds": self.fwd_bwd_seconds,
             "fwd_seconds": self.fwd_seconds,
             "optimizer_step_seconds": self.optimizer_step_seconds,
+            **({"hessian_in_optimizer_step": True} if self.hessian_in_optimizer_step else {}),
             **({"notes": self.notes} if self.notes else {}),
         }
 
@@ -120,6 +125,7 @@ class CostTable:
             "fwd_bwd_seconds": self.fwd_bwd_seconds,
             "fwd_seconds": self.fwd_seconds,
             "optimizer_step_seconds": dict(sorted(self.optimizer_step_seconds.items())),
+            **({"hessian_in_optimizer_step": True} if self.hessian_in_optimizer_step else {}),
         }
         return hashlib.sha256(json.dumps(prices, sort_keys=True).encode()).hexdigest()
 
@@ -145,7 +151,17 @@ class CostTable:
         return float(self.fwd_seconds[layers - 1])
 
     def optimizer_step(self, name: str) -> float:
-        return self.optimizer_step_seconds.get(name, 0.0)
+        """Seconds of one step of optimizer class ``name``. A table without optimizer prices charges none
+        (the paper's BERT table: every optimizer alike); a table with some must have this one."""
+        if not self.optimizer_step_seconds:
+            return 0.0
+        if name not in self.optimizer_step_seconds:
+            raise UserError(
+                f"{self._where()} prices the steps of {', '.join(sorted(self.optimizer_step_seconds))}, not {name}: "
+                f"time it on the table's machine with `train.py calibrate --config <your config> --output {self.path} "
+                "--update --optimizers <its class path>`"
+            )
+        return self.optimizer_step_seconds[name]
 
     def seconds(self, ledger: WorkLedger, optimizer_share: float = 1.0) -> float:
         """Reference seconds of everything in ``ledger`` (example counts scaled by the micro-batch size).
@@ -160,6 +176,9 @@ class CostTable:
                 total += amount / self.micro_batch_size * self.fwd_bwd(key)
             elif kind == "fwd":
                 total += amount / self.micro_batch_size * self.fwd(key)
+            elif kind == "hessian":
+                if not self.hessian_in_optimizer_step:
+                    total += amount / self.micro_batch_size * self.fwd_bwd(key)
             else:
                 total += amount * self.optimizer_step(key) * optimizer_share
         return total

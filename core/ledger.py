@@ -10,6 +10,7 @@ Entries are keyed by strings so the ledger checkpoints as plain JSON:
 
 - ``fwd_bwd/<k>``: forward+backward examples with ``k`` active layers,
 - ``fwd/<k>``: forward-only examples with ``k`` active layers,
+- ``hessian/<k>``: forward+backward examples of a Hessian estimate (Sophia) with ``k`` active layers,
 - ``optimizer_step/<Name>``: optimizer steps of the optimizer class ``Name``.
 
 Example counts are stored (not micro-batches) so a partial micro-batch is charged exactly.
@@ -28,8 +29,8 @@ from collections.abc import Iterator, Mapping
 
 __all__ = ["EXAMPLE_KINDS", "KINDS", "WorkLedger"]
 
-KINDS = ("fwd_bwd", "fwd", "optimizer_step")
-EXAMPLE_KINDS = ("fwd_bwd", "fwd")  # counted per example on each rank; optimizer steps are global events
+KINDS = ("fwd_bwd", "fwd", "hessian", "optimizer_step")
+EXAMPLE_KINDS = ("fwd_bwd", "fwd", "hessian")  # counted per example on each rank; optimizer steps are global events
 
 
 class WorkLedger:
@@ -66,6 +67,10 @@ class WorkLedger:
     def charge_fwd(self, layers: int, examples: int) -> None:
         """One forward-only pass (scoring, Hessian sampling) over ``examples`` examples."""
         self.charge("fwd", int(layers), examples)
+
+    def charge_hessian(self, layers: int, examples: int) -> None:
+        """One forward+backward pass of a Hessian estimate (Sophia's sampled-label loss)."""
+        self.charge("hessian", int(layers), examples)
 
     def charge_optimizer_step(self, optimizer_name: str, steps: int = 1) -> None:
         self.charge("optimizer_step", optimizer_name, steps)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from core.contracts import BatchSelector, DepthSchedule
+from core.contracts import BatchSelector, DepthSchedule, EstimatesHessian
 from core.cost_table import CostTable
 from core.errors import UserError
 from core.ledger import WorkLedger
@@ -36,12 +36,16 @@ def simulate(
     phase_at: Callable[[float], str] | None = None,
     max_steps: int | None = None,
     scored_per_trained: float = 0.0,
+    hessian_interval: int | None = None,
+    hessian_micro_batches: int = 0,
 ) -> dict[str, Any]:
     """Charge a ledger step by step as ``RSTBudget`` and the module do, until the budget is spent.
 
     ``active_layers_at(tau, step)`` gives the depth of each step; ``phase_at(tau)`` names its phase
     (``None`` or absent: the depth); ``scored_per_trained`` forward-only examples are charged per trained
-    example (batch selection). The step that crosses the budget is executed (as in the paper and a real run).
+    example (batch selection); every ``hessian_interval`` steps ``hessian_micro_batches`` micro-batches of
+    Hessian passes are charged (Sophia). The step that crosses the budget is executed (as in the paper and
+    a real run).
     """
     ledger = WorkLedger()
     phases: list[dict[str, Any]] = []
@@ -56,8 +60,10 @@ def simulate(
             if scored_per_trained:
                 ledger.charge_fwd(layers, micro_batch_size * scored_per_trained)
         ledger.charge_optimizer_step(optimizer_name)
-        spent = table.seconds(ledger)
         steps += 1
+        if hessian_interval and steps % hessian_interval == 0:
+            ledger.charge_hessian(layers, micro_batch_size * hessian_micro_batches)
+        spent = table.seconds(ledger)
         if not phases or phases[-1]["phase"] != name:
             phases.append({"phase": name, "tau_start": tau, "optimizer_steps": 0, "rst_seconds": 0.0, "_layers": 0})
         phases[-1]["optimizer_steps"] += 1
@@ -70,6 +76,7 @@ def simulate(
         phase["tokens"] = phase["micro_batches"] * micro_batch_size * tokens_per_example
     micro_batches = steps * micro_batches_per_step
     forwards = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("fwd/")})
+    hessian = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("hessian/")})
     return {
         "optimizer_steps": steps,
         "micro_batches": micro_batches,
@@ -78,6 +85,7 @@ def simulate(
         "rst_seconds": spent,
         "selection_rst_seconds": table.seconds(forwards) if forwards.counts else 0.0,
         "scored_examples": ledger.examples("fwd"),
+        "hessian_rst_seconds": table.seconds(hessian) if hessian.counts else 0.0,
         "budget_seconds": budget_seconds,
         "stopped_by": "budget" if spent >= budget_seconds else "max_steps",
         "phases": phases,
@@ -109,6 +117,11 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
         raise UserError(f"trainer.callbacks holds {len(selectors)} batch selectors: keep one")
     scored_per_trained = selectors[0].planned_scored_per_trained() if selectors else 0.0
     optimizer = model.build_optimizer()
+    hessian_interval, hessian_micro_batches = None, 0
+    if isinstance(optimizer, EstimatesHessian) and not optimizer.free_hessian:
+        hessian_interval = optimizer.hessian_interval
+        per_rank = optimizer.hessian_micro_batches or trainer.accumulate_grad_batches
+        hessian_micro_batches = min(per_rank, trainer.accumulate_grad_batches) * trainer.world_size
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     result = simulate(
         table,
@@ -122,6 +135,8 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
         phase_at=phase_at,
         max_steps=max_steps,
         scored_per_trained=scored_per_trained,
+        hessian_interval=hessian_interval,
+        hessian_micro_batches=hessian_micro_batches,
     )
     result["table"] = table.path
     result["world_size"] = trainer.world_size

@@ -114,6 +114,10 @@ class BertMLM(PretrainingModule):
         logits = self.model.lm_head(hidden[mask])
         return logits, batch[LABELS][mask], mask
 
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vocabulary logits ``(M, V)`` at the masked positions (what the loss uses; Sophia samples there)."""
+        return self.masked_logits(batch)[0]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Dense MLM logits ``(B, T, V)`` at every position (what the exported model returns)."""
         return self.model.lm_head(self.encode(input_ids, attention_mask))

@@ -1,5 +1,11 @@
 """What every pre-training LightningModule shares: optimizer, budget-progress schedule, work ledger.
 
+Optimizers with extra needs are served here: ``SophiaG`` gets the number of target positions of each
+step and, every ``hessian_interval`` steps, a Hessian estimate from labels sampled at those
+positions (``target_logits``); ``MuonWithAdamW`` gets the hidden weight matrices as its own group;
+an optimizer with ``train()``/``eval()`` modes (schedule-free) is switched to ``eval`` for validation
+and for the weights a checkpoint stores.
+
 Subclasses (``BertMLM``, ``T5SpanCorruption``) build a ``transformers`` model in ``__init__``, register
 its layer stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective
 on one batch) and ``per_example_loss``. The module implements the model-side contracts of
@@ -10,10 +16,11 @@ progress from the run's ``BudgetClock``.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -22,9 +29,19 @@ from core.contracts import BudgetClock, DepthSchedule
 from core.errors import UserError
 from core.ledger import WorkLedger
 from lightning_modules.layer_control import LayerControlMixin
+from lightning_modules.optimizers import MuonWithAdamW, SophiaG
 from lightning_modules.schedules import LRSchedule, ScheduleName
 
-__all__ = ["PretrainingModule", "parameter_groups"]
+__all__ = ["ModalOptimizer", "PretrainingModule", "muon_parameter_groups", "parameter_groups"]
+
+
+@runtime_checkable
+class ModalOptimizer(Protocol):
+    """An optimizer whose parameters differ between training and evaluation (schedule-free methods)."""
+
+    def train(self) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -44,6 +61,21 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[
     ]
 
 
+def muon_parameter_groups(module: PretrainingModule, weight_decay: float) -> list[dict[str, Any]]:
+    """Muon's group (``"muon": True``): the weights of the ``nn.Linear`` layers inside the repeated blocks;
+    then ``parameter_groups`` of everything else (embeddings, output head, biases, norms: AdamW)."""
+    hidden = [
+        layer.weight
+        for stack in module.layer_stacks()
+        for layer in stack.modules()
+        if isinstance(layer, torch.nn.Linear) and layer.weight.requires_grad
+    ]
+    hidden_ids = {id(p) for p in hidden}
+    rest = torch.nn.ParameterList([p for p in module.parameters() if id(p) not in hidden_ids])
+    return [{"params": hidden, "weight_decay": weight_decay, "name": "muon", "muon": True},
+            *parameter_groups(rest, weight_decay)]
+
+
 class PretrainingModule(LayerControlMixin, L.LightningModule):
     """Base class: optimizer from the CLI, LR schedule of budget progress, ledger charges, throughput.
 
@@ -54,6 +86,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         warmup_fraction: budget fraction of the warm-up (cosine, linear, constant schedules).
         final_lr_fraction: LR multiplier at the end of the budget (cosine floor; linear end).
         warmup_start_fraction: LR multiplier at the start of the warm-up (cosine only).
+        decay_fraction: budget fraction of the final decay (``wsd``).
+        decay_shape: ``linear``, ``cosine`` or ``sqrt`` decay (``wsd``).
         float32_matmul_precision: ``high`` lets float32 matrix products use TF32 on GPUs that have it
             (the paper's T5 ran so); ``None`` leaves PyTorch's setting alone.
     """
@@ -65,6 +99,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         warmup_fraction: float = 0.0,
         final_lr_fraction: float = 0.0,
         warmup_start_fraction: float = 0.0,
+        decay_fraction: float = 0.2,
+        decay_shape: Literal["linear", "cosine", "sqrt"] = "linear",
         float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ) -> None:
         super().__init__()
@@ -76,6 +112,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
                 warmup_fraction=warmup_fraction,
                 final=final_lr_fraction,
                 warmup_start=warmup_start_fraction,
+                decay_fraction=decay_fraction,
+                decay_shape=decay_shape,
             )
         except ValueError as error:
             raise UserError(f"model.lr_schedule: {error}") from error
@@ -84,6 +122,9 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         self._tokens_in_window = 0
         self._window_start: float | None = None
         self._window_step = -1
+        self._target_positions: torch.Tensor | int = 0  # this step's loss positions (Sophia's bs)
+        self._hessian_batches: list[dict[str, torch.Tensor]] = []  # micro-batches of a Hessian step
+        self._hessian_seed = 0
 
     # ----- subclasses ---------------------------------------------------------------------------
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -98,6 +139,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         raise NotImplementedError
 
     def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vocabulary logits ``(M, V)`` at the M positions the training loss uses (BERT: the masked
+        tokens; T5: the target tokens, never ignored ones), with gradient: Sophia samples labels there."""
         raise NotImplementedError
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
@@ -131,11 +177,14 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     # ----- optimization -------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """The configured optimizer over this module's parameters (no decay on biases and norm weights)."""
+        """The configured optimizer over this module's parameters (no decay on biases and norm weights;
+        ``MuonWithAdamW``: Muon on the hidden matrices)."""
         if self.optimizer_factory is None:
             return self.default_optimizer(parameter_groups(self, self.default_weight_decay()))
         probe = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
         weight_decay = probe.defaults.get("weight_decay", 0.0)
+        if isinstance(probe, MuonWithAdamW):
+            return self.optimizer_factory(muon_parameter_groups(self, weight_decay))
         return self.optimizer_factory(parameter_groups(self, weight_decay))
 
     def configure_optimizers(self):
@@ -145,6 +194,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
                 "set trainer.max_steps, add an RST budget callback, or use model.lr_schedule=constant"
             )
         optimizer = self.build_optimizer()
+        if isinstance(optimizer, SophiaG) and str(self.trainer.precision).startswith("16"):
+            raise UserError(
+                "SophiaG's Hessian passes need trainer.precision bf16-mixed or 32-true: float16 without loss "
+                "scaling underflows the squared gradients (the paper's fp16 Sophia runs gave NaNs)"
+            )
         schedule = LambdaLR(optimizer, lambda _: self.lr_schedule(self.budget_progress()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
@@ -157,6 +211,51 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
+        if isinstance(optimizer, SophiaG):  # bs: the loss positions of this step on every process
+            positions = torch.as_tensor(self._target_positions, dtype=torch.float32, device=self.device)
+            optimizer.set_batch_positions(self.trainer.strategy.reduce(positions, reduce_op="sum"))
+        self._target_positions = 0
+
+    # ----- Sophia's Hessian estimate --------------------------------------------------------------
+    def _sophia(self) -> SophiaG | None:
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return None
+        optimizer = trainer.optimizers[0]
+        return optimizer if isinstance(optimizer, SophiaG) else None
+
+    def sampled_label_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """Gauss-Newton-Bartlett: cross-entropy of the model's logits against labels sampled from its own
+        softmax at the loss positions (Liu et al. 2023, Algorithm 2); and the number of positions."""
+        logits = self.target_logits(batch).float()
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+        return F.cross_entropy(logits, sampled), int(sampled.numel())
+
+    def estimate_hessian(self, optimizer: SophiaG, batches: list[dict[str, torch.Tensor]], step: int) -> None:
+        """One Hessian estimate over ``batches`` (the micro-batches of optimizer ``step``): each
+        sampled-label loss divided by their number, gradients averaged over the processes and clipped
+        like training's, folded into the optimizer's estimate; charged at the forward+backward price."""
+        trainer = self.trainer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.zero_grad(set_to_none=True)
+        generator = torch.Generator(device=self.device).manual_seed(hash((self._hessian_seed, step)) & 0x7FFFFFFF)
+        with trainer.precision_plugin.forward_context():
+            for batch in batches:
+                loss, _ = self.sampled_label_loss(batch, generator)
+                (loss / len(batches)).backward()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(trainer.world_size)
+        if trainer.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], trainer.gradient_clip_val)
+        optimizer.update_hessian()
+        optimizer.zero_grad(set_to_none=True)
+        if not optimizer.free_hessian:
+            for batch in batches:
+                self.work_ledger.charge_hessian(self.num_active_layers, int(batch[INPUT_IDS].shape[0]))
 
     # ----- work ----------------------------------------------------------------------------------
     def work_done(self, world_size: int) -> WorkLedger:
@@ -174,7 +273,14 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
 
     # ----- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.compute_loss(batch)
+        loss, targets = self.compute_loss(batch)
+        sophia = self._sophia()
+        if sophia is not None:
+            self._target_positions = self._target_positions + targets
+            if (self.trainer.global_step + 1) % sophia.hessian_interval == 0 and (
+                sophia.hessian_micro_batches is None or len(self._hessian_batches) < sophia.hessian_micro_batches
+            ):
+                self._hessian_batches.append(batch)
         examples = int(batch[INPUT_IDS].shape[0])
         self.work_ledger.charge_fwd_bwd(self.num_active_layers, examples)
         self.log("train/loss", loss, prog_bar=True, batch_size=examples)
@@ -186,16 +292,23 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
             self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log tokens/s of the whole run, averaged over each logging interval (no device synchronisation).
+        """Sophia's Hessian estimate after every ``hessian_interval``-th step; log tokens/s of the whole run,
+        averaged over each logging interval (no device synchronisation).
 
         Lightning's ``ThroughputMonitor`` synchronises the GPU after every micro-batch and counts time
         spent in validation; this measures training only, once per ``log_every_n_steps`` optimizer steps.
         """
         trainer = self.trainer
         step = trainer.global_step
+        sophia = self._sophia()
+        if sophia is not None and self._hessian_batches and step % sophia.hessian_interval == 0:
+            self.estimate_hessian(sophia, self._hessian_batches, step)
+            self._hessian_batches = []
         if step == self._window_step or step % max(trainer.log_every_n_steps, 1):
             return  # inside gradient accumulation, or not a logging step
         self._window_step = step
+        if sophia is not None and sophia.win_rate is not None:
+            self.log("optim/sophia_win_rate", sophia.win_rate, on_step=True, on_epoch=False)
         now = time.perf_counter()
         if self._window_start is not None and now > self._window_start:
             tokens = self._tokens_in_window * trainer.world_size
@@ -207,11 +320,41 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=max(int(targets), 1))
         return loss
 
+    # ----- optimizers with train and eval modes (schedule-free) ----------------------------------
+    def _modal_optimizer(self) -> ModalOptimizer | None:
+        trainer = self._trainer
+        optimizers = trainer.optimizers if trainer is not None else []
+        return optimizers[0] if optimizers and isinstance(optimizers[0], ModalOptimizer) else None
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        optimizer = self._modal_optimizer()
+        if optimizer is not None:
+            optimizer.eval()  # evaluate the averaged weights
+
+    def on_validation_model_train(self) -> None:
+        super().on_validation_model_train()
+        optimizer = self._modal_optimizer()
+        if optimizer is not None and self.trainer.state.fn == "fit":
+            optimizer.train()
+
+    def on_train_start(self) -> None:
+        optimizer = self._modal_optimizer()
+        if optimizer is not None:
+            optimizer.train()  # a checkpoint holds eval-mode weights: back to the training iterate
+
     def on_validation_epoch_start(self) -> None:
         self._tokens_in_window, self._window_start = 0, None  # validation time is not training throughput
 
     # ----- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        optimizer = self._modal_optimizer()
+        if optimizer is not None and "optimizer_states" in checkpoint:  # store the eval-mode (averaged) weights
+            optimizer.eval()
+            checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            checkpoint["optimizer_states"] = [optimizer.state_dict()]
+            if self.trainer.state.fn == "fit":
+                optimizer.train()
         world_size = self._trainer.world_size if self._trainer is not None else 1
         checkpoint["work_ledger"] = self.work_done(world_size).state_dict()  # global: any world size can resume
         # a depth that persists (stacking) is part of the model; a per-step random draw (dropping) is not

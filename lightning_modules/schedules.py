@@ -11,6 +11,9 @@ rate" baseline (paper section 2.1; docs/paper.md "Schedules tied to RST"). Each 
   ``warmup_start=0.5, warmup_fraction=10000/65536, final=1e-5``.
 - ``linear``: linear warm-up from 0, then linear decay to ``final`` at ``tau = 1``.
 - ``constant``: linear warm-up from 0, then 1.
+- ``wsd``: warm-up, stable, decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024): linear warm-up from 0
+  over ``warmup_fraction``, the peak until ``1 - decay_fraction``, then a ``linear``, ``cosine`` or
+  ``sqrt`` (``1 - sqrt(progress)``, Hägele et al.'s best) decay to ``final`` at ``tau = 1``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["SCHEDULES", "LRSchedule", "ScheduleName", "constant", "cosine", "linear", "triangle"]
+__all__ = ["SCHEDULES", "LRSchedule", "ScheduleName", "constant", "cosine", "linear", "triangle", "wsd"]
 
-ScheduleName = Literal["triangle", "cosine", "linear", "constant"]
+ScheduleName = Literal["triangle", "cosine", "linear", "constant", "wsd"]
+DecayShape = Literal["linear", "cosine", "sqrt"]
 
 
 def _clip(tau: float) -> float:
@@ -62,7 +66,30 @@ def constant(tau: float, warmup_fraction: float = 0.0) -> float:
     return tau / warmup_fraction if tau < warmup_fraction else 1.0
 
 
-SCHEDULES = {"triangle": triangle, "cosine": cosine, "linear": linear, "constant": constant}
+def wsd(tau: float, warmup_fraction: float = 0.0, decay_fraction: float = 0.2, final: float = 0.0,
+        decay_shape: str = "linear") -> float:
+    """Warm-up, stable at 1, then decay over the last ``decay_fraction`` to ``final`` at ``tau=1``."""
+    tau = _clip(tau)
+    if tau < warmup_fraction:
+        return tau / warmup_fraction
+    decay_start = 1.0 - decay_fraction
+    if tau < decay_start or decay_fraction <= 0:
+        return 1.0
+    if tau >= 1.0:
+        return final  # exactly, whatever the rounding of decay_start
+    progress = (tau - decay_start) / decay_fraction
+    if decay_shape == "linear":
+        remaining = 1.0 - progress
+    elif decay_shape == "cosine":
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif decay_shape == "sqrt":
+        remaining = 1.0 - math.sqrt(progress)
+    else:
+        raise ValueError(f"unknown decay_shape {decay_shape!r}: use linear, cosine or sqrt")
+    return final + (1.0 - final) * remaining
+
+
+SCHEDULES = {"triangle": triangle, "cosine": cosine, "linear": linear, "constant": constant, "wsd": wsd}
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,8 @@ class LRSchedule:
         final: multiplier at the end of the budget (cosine floor, linear end point).
         warmup_start: multiplier at ``tau=0`` (cosine only; nanoT5 starts at 0.5).
         peak_fraction: where the triangle peaks.
+        decay_fraction: budget fraction of the final decay (wsd).
+        decay_shape: ``linear``, ``cosine`` or ``sqrt`` (wsd).
     """
 
     name: ScheduleName = "triangle"
@@ -82,6 +111,8 @@ class LRSchedule:
     final: float = 0.0
     warmup_start: float = 0.0
     peak_fraction: float = 0.5
+    decay_fraction: float = 0.2
+    decay_shape: DecayShape = "linear"
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -92,6 +123,13 @@ class LRSchedule:
             raise ValueError(f"peak_fraction={self.peak_fraction} must be in (0, 1)")
         if not 0.0 <= self.final <= 1.0:
             raise ValueError(f"final={self.final} must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0 or self.warmup_fraction + self.decay_fraction > 1.0:
+            raise ValueError(
+                f"decay_fraction={self.decay_fraction} must be in (0, 1] and leave room for the warm-up "
+                f"({self.warmup_fraction})"
+            )
+        if self.decay_shape not in ("linear", "cosine", "sqrt"):
+            raise ValueError(f"unknown decay_shape {self.decay_shape!r}: use linear, cosine or sqrt")
 
     def __call__(self, tau: float) -> float:
         if self.name == "triangle":
@@ -100,4 +138,6 @@ class LRSchedule:
             return cosine(tau, self.warmup_fraction, self.final, self.warmup_start)
         if self.name == "linear":
             return linear(tau, self.warmup_fraction, self.final)
+        if self.name == "wsd":
+            return wsd(tau, self.warmup_fraction, self.decay_fraction, self.final, self.decay_shape)
         return constant(tau, self.warmup_fraction)

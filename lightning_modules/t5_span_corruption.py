@@ -75,6 +75,7 @@ class T5SpanCorruption(PretrainingModule):
         warmup_fraction: paper: 10000/65536 of the budget.
         final_lr_fraction: cosine floor (paper: 1e-5).
         warmup_start_fraction: the warm-up starts at half the peak (nanoT5).
+        decay_fraction, decay_shape: the final decay of the ``wsd`` schedule.
         float32_matmul_precision: ``high`` = TF32 on GPUs that have it (the paper's T5).
     """
 
@@ -99,6 +100,8 @@ class T5SpanCorruption(PretrainingModule):
         warmup_fraction: float = PAPER_WARMUP_FRACTION,
         final_lr_fraction: float = 1e-5,
         warmup_start_fraction: float = 0.5,
+        decay_fraction: float = 0.2,
+        decay_shape: Literal["linear", "cosine", "sqrt"] = "linear",
         float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ) -> None:
         super().__init__(
@@ -107,6 +110,8 @@ class T5SpanCorruption(PretrainingModule):
             warmup_fraction=warmup_fraction,
             final_lr_fraction=final_lr_fraction,
             warmup_start_fraction=warmup_start_fraction,
+            decay_fraction=decay_fraction,
+            decay_shape=decay_shape,
             float32_matmul_precision=float32_matmul_precision,
         )
         for name, value in (("num_layers", num_layers), ("vocab_size", vocab_size), ("d_model", d_model)):
@@ -158,6 +163,11 @@ class T5SpanCorruption(PretrainingModule):
         decoder_input_ids = self.model._shift_right(labels)
         with self.running_active_layers():
             return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoder logits ``(M, V)`` at the M target tokens that are not ignored (never padding)."""
+        labels = batch[LABELS]
+        return self(batch[INPUT_IDS], labels)[labels != IGNORE_INDEX]
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of every target token ``(B, T_target)``; 0 where the label is ignored."""

@@ -36,3 +36,16 @@ class RecordStop(Callback):
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as handle:
             json.dump({"global_step": trainer.global_step, "rst_seconds": round(budget.spent_seconds, 9)}, handle)
+
+
+class RecordParameters(Callback):
+    """Writes, per rank, the optimizer step and a checksum of every parameter when training ends."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        checksum = {name: float(p.detach().double().sum()) for name, p in pl_module.named_parameters()}
+        os.makedirs(self.directory, exist_ok=True)
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"global_step": trainer.global_step, "parameters": checksum}, handle)

@@ -56,7 +56,6 @@ def test_ledger_is_priced_by_hand_computed_sums():
     ledger.charge_fwd_bwd(layers=3, examples=2)  # half a micro-batch x 0.3
     ledger.charge_fwd(layers=3, examples=4)  # 1 x 0.05 (one price for every depth)
     ledger.charge_optimizer_step("AdamW", 3)  # 3 x 0.01
-    ledger.charge_optimizer_step("Lion")  # not in the table: free
     assert _table().seconds(ledger) == pytest.approx(0.4 + 0.15 + 0.05 + 0.03)
     per_depth = _table(fwd_seconds=[0.01, 0.02, 0.04])
     assert per_depth.seconds(ledger) == pytest.approx(0.4 + 0.15 + 0.04 + 0.03)
@@ -75,6 +74,14 @@ def test_table_entries_that_cannot_price_the_work_are_named():
     ledger.charge_fwd(layers=1, examples=4)
     with pytest.raises(UserError, match="no fwd_seconds"):
         _table(fwd_seconds=None).seconds(ledger)
+    ledger = WorkLedger()
+    ledger.charge_optimizer_step("Lion")
+    with pytest.raises(UserError, match="prices the steps of AdamW, not Lion: time it .* --update --optimizers"):
+        _table().seconds(ledger)
+    assert _table(optimizer_step_seconds={}).seconds(ledger) == 0.0  # a table without step prices charges none
+    ledger.charge_hessian(layers=2, examples=8)  # a Hessian pass costs a forward+backward, unless included
+    assert _table(optimizer_step_seconds={}).seconds(ledger) == pytest.approx(0.4)
+    assert _table(optimizer_step_seconds={}, hessian_in_optimizer_step=True).seconds(ledger) == 0.0
     with pytest.raises(UserError, match="micro-batches of 4, but data.batch_size is 8"):
         _table().check_run(micro_batch_size=8, seq_len=32, num_layers=2)
     with pytest.raises(UserError, match="sequences of 32 tokens, but the run uses 64"):
