@@ -224,6 +224,16 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         optimizer = trainer.optimizers[0]
         return optimizer if isinstance(optimizer, SophiaG) else None
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step; then, every ``hessian_interval``-th step, Sophia's Hessian estimate on that step's
+        micro-batches, before the budget clock is synced, so the step is charged with its estimate."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        sophia = self._sophia()
+        step = self.trainer.global_step + 1  # this step, counted from 1 (Lightning counts it after this hook)
+        if sophia is not None and self._hessian_batches and step % sophia.hessian_interval == 0:
+            self.estimate_hessian(sophia, self._hessian_batches, step)
+            self._hessian_batches = []
+
     def sampled_label_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """Gauss-Newton-Bartlett: cross-entropy of the model's logits against labels sampled from its own
         softmax at the loss positions (Liu et al. 2023, Algorithm 2); and the number of positions."""
@@ -292,8 +302,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
             self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Sophia's Hessian estimate after every ``hessian_interval``-th step; log tokens/s of the whole run,
-        averaged over each logging interval (no device synchronisation).
+        """Log Sophia's win rate and tokens/s of the whole run, averaged over each logging interval (no device
+        synchronisation).
 
         Lightning's ``ThroughputMonitor`` synchronises the GPU after every micro-batch and counts time
         spent in validation; this measures training only, once per ``log_every_n_steps`` optimizer steps.
@@ -301,9 +311,6 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         trainer = self.trainer
         step = trainer.global_step
         sophia = self._sophia()
-        if sophia is not None and self._hessian_batches and step % sophia.hessian_interval == 0:
-            self.estimate_hessian(sophia, self._hessian_batches, step)
-            self._hessian_batches = []
         if step == self._window_step or step % max(trainer.log_every_n_steps, 1):
             return  # inside gradient accumulation, or not a logging step
         self._window_step = step

@@ -296,6 +296,31 @@ def test_sophia_estimates_every_k_steps_and_charges_it(corpus_file, tmp_path):
     assert any(float(s["hessian"].abs().sum()) > 0 for s in optimizer.state.values())
 
 
+def test_plan_predicts_a_sophia_run_with_its_hessian_passes(corpus_file, tmp_path, capsys):
+    import yaml
+
+    from helpers import tiny_fit_args
+
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 16,
+                                 "fwd_bwd_seconds": [0.5, 1.0], "fwd_seconds": None,
+                                 "optimizer_step_seconds": {"SophiaG": 0.25}}))
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "model": {"init_args": {"optimizer": {"class_path": "lightning_modules.optimizers.SophiaG",
+                                              "init_args": {"lr": 2e-3, "hessian_interval": 3}}}},
+        "trainer": {"max_steps": -1, "callbacks": [{"class_path": "callbacks.rst.RSTBudget",
+                                                    "init_args": {"budget": "14s", "table": str(table)}}]},
+    }))
+    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(overlay))
+    train.main(["plan", *args[1:]])
+    plan = json.loads(capsys.readouterr().out)
+    # per step 1.0 + 0.25, and a Hessian micro-batch (1.0) after steps 3, 6, 9: 14 s are crossed at step 9
+    assert plan["optimizer_steps"] == 9 and plan["hessian_rst_seconds"] == 3.0
+    train.main(args)
+    assert "done: 9 steps" in capsys.readouterr().out
+
+
 def test_schedule_free_switches_to_eval_weights_for_validation_and_checkpoints(corpus_file, tmp_path):
     class Modes(L.Callback):
         def __init__(self):
