@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,9 @@ class BatchSelection(Callback, BatchSelector):
         """Mask pass ``p`` of the training stream like pass ``p mod period`` (``None``: every pass its own)."""
         return None
 
+    @abstractmethod
     def take_in(self, candidates: Batch, losses: np.ndarray) -> None:
         """Decide about scored candidates: append the kept ones to ``self.ready`` (via ``keep``)."""
-        raise NotImplementedError
-
-    def planned_scored_per_trained(self) -> float:
-        raise NotImplementedError
 
     # ----- the data path ------------------------------------------------------------------------------
     def training_batches(self, open_candidates, batch_size: int) -> _TrainingBatches:

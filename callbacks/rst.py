@@ -24,7 +24,6 @@ from core.contracts import BatchSelector, BudgetClock, ChargesWork
 from core.cost_table import CostTable
 from core.durations import format_duration, parse_duration
 from core.errors import UserError
-from core.ledger import WorkLedger
 
 __all__ = ["RSTBudget"]
 
@@ -111,8 +110,7 @@ class RSTBudget(Callback, BudgetClock):
             return self._wall_train + running + scoring, scoring
         world_size = pl_module.trainer.world_size if pl_module._trainer is not None else 1
         ledger = pl_module.work_ledger
-        forwards = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("fwd/")})
-        return self.account.price(ledger, world_size), self.account.table.seconds(forwards)
+        return self.account.price(ledger, world_size), self.account.table.seconds(ledger.of_kind("fwd"))
 
     def sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Bring ``spent`` up to date on every rank (one all-reduce); idempotent within an optimizer step."""

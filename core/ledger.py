@@ -81,6 +81,10 @@ class WorkLedger:
             kind, key = name.split("/", 1)
             yield kind, (int(key) if kind != "optimizer_step" else key), amount
 
+    def of_kind(self, kind: str) -> WorkLedger:
+        """The entries of one kind only (e.g. ``fwd``: batch selection's scoring, to price it apart)."""
+        return WorkLedger({name: n for name, n in self.counts.items() if name.split("/", 1)[0] == kind})
+
     def examples(self, kind: str = "fwd_bwd") -> float:
         return sum(a for k, _, a in self.entries() if k == kind)
 

@@ -75,8 +75,7 @@ def simulate(
         phase["micro_batches"] = phase["optimizer_steps"] * micro_batches_per_step
         phase["tokens"] = phase["micro_batches"] * micro_batch_size * tokens_per_example
     micro_batches = steps * micro_batches_per_step
-    forwards = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("fwd/")})
-    hessian = WorkLedger({name: n for name, n in ledger.counts.items() if name.startswith("hessian/")})
+    forwards, hessian = ledger.of_kind("fwd"), ledger.of_kind("hessian")
     return {
         "optimizer_steps": steps,
         "micro_batches": micro_batches,

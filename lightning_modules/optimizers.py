@@ -22,6 +22,7 @@ the paper's T5 (paper section 3; docs/paper.md "T5"): for each parameter tensor 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import torch
@@ -29,11 +30,12 @@ import torch
 __all__ = ["AdamWScale", "Lion", "MuonWithAdamW", "SophiaG", "rms_scaled_lr"]
 
 
-class _PerTensorOptimizer(torch.optim.Optimizer):
+class _PerTensorOptimizer(torch.optim.Optimizer, ABC):
     """A ``step`` that evaluates the closure and calls ``update(p, group)`` for each parameter with a gradient."""
 
+    @abstractmethod
     def update(self, p: torch.Tensor, group: dict) -> None:
-        raise NotImplementedError
+        """Update one parameter tensor ``p`` (with its gradient) of ``group``."""
 
     def start_step(self) -> None:
         """Before the parameters of a step are updated."""
