@@ -184,6 +184,14 @@ class RSTBudget(Callback, BudgetClock):
         self._checked_step = trainer.global_step
         self.sync(trainer, pl_module)  # a no-op if the LR scheduler already synced at this step
         account = self.account
+        if account.exhausted() and not trainer.should_stop:
+            trainer.should_stop = True  # the same decision on every rank: `spent` is the all-reduced sum
+            rank_zero_info(
+                f"RST budget {format_duration(self.budget_seconds)} spent at optimizer step {trainer.global_step} "
+                f"(RST {account.spent:.3f} s, wall {time.monotonic() - self._fit_start:.1f} s)"
+            )
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) and not trainer.should_stop:
+            return  # Lightning writes step metrics on logging steps only: do not build them on the others
         metrics = {
             "rst/seconds": account.spent,
             "rst/fraction": account.progress(),
@@ -202,12 +210,6 @@ class RSTBudget(Callback, BudgetClock):
         )
         for name, value in (("rst_spent", account.spent), ("rst_left", account.remaining())):  # progress bar, seconds
             pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        if account.exhausted() and not trainer.should_stop:
-            trainer.should_stop = True  # the same decision on every rank: `spent` is the all-reduced sum
-            rank_zero_info(
-                f"RST budget {format_duration(self.budget_seconds)} spent at optimizer step {trainer.global_step} "
-                f"(RST {account.spent:.3f} s, wall {time.monotonic() - self._fit_start:.1f} s)"
-            )
 
     # ----- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

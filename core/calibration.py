@@ -95,11 +95,12 @@ def calibrate(
     ``extra_optimizers``: functions that build further optimizers over the model, whose step is timed
     too (a table then prices runs with any of them).
     """
-    precision = str(precision)
+    precision = trainer_precision = str(precision)
     if getattr(model, "float32_matmul_precision", None):  # e.g. TF32 for the paper's T5
-        torch.set_float32_matmul_precision(model.float32_matmul_precision)
         precision += f" (float32 matmul: {model.float32_matmul_precision})"
     model = model.to(device)
+    if hasattr(model, "prepare_for_steps"):  # the settings fit runs the step with (matmul precision, memory, compile)
+        model.prepare_for_steps(device, trainer_precision)
     if precision.startswith("bf16-true"):
         model = model.to(torch.bfloat16)
     elif precision.startswith("16-true"):

@@ -22,6 +22,8 @@ from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMasked
 
 from core.batch import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, LABELS
 from core.errors import UserError
+from lightning_modules.fused_loss import linear_cross_entropy
+from lightning_modules.optimizers import fusable
 from lightning_modules.pretraining import PretrainingModule
 
 __all__ = ["BertMLM"]
@@ -96,7 +98,8 @@ class BertMLM(PretrainingModule):
 
     # ----- optimizer defaults (paper section 3) ------------------------------------------------------
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps)
+        fused = fusable(groups) and not self.mixed_precision()  # Lightning cannot clip a fused step's scaled gradients
+        return torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps, fused=fused)
 
     def default_weight_decay(self) -> float:
         return self.weight_decay
@@ -107,12 +110,19 @@ class BertMLM(PretrainingModule):
         with self.running_active_layers():
             return self.model.roberta_prelayernorm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sparse prediction: logits ``(M, V)`` at the M masked positions, their targets, and the mask."""
+    def masked_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sparse prediction: the head's features ``(M, H)`` (dense, GELU, LayerNorm) at the M masked
+        positions, before the vocabulary projection; their targets; and the mask."""
         hidden = self.encode(batch[INPUT_IDS], batch.get(ATTENTION_MASK))
         mask = batch[LABELS] != IGNORE_INDEX
-        logits = self.model.lm_head(hidden[mask])
-        return logits, batch[LABELS][mask], mask
+        head = self.model.lm_head
+        features = head.layer_norm(F.gelu(head.dense(hidden[mask])))
+        return features, batch[LABELS][mask], mask
+
+    def masked_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sparse prediction: logits ``(M, V)`` at the M masked positions, their targets, and the mask."""
+        features, targets, mask = self.masked_features(batch)
+        return self.model.lm_head.decoder(features), targets, mask
 
     def target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Vocabulary logits ``(M, V)`` at the masked positions (what the loss uses; Sophia samples there)."""
@@ -123,10 +133,11 @@ class BertMLM(PretrainingModule):
         return self.model.lm_head(self.encode(input_ids, attention_mask))
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        logits, targets, _ = self.masked_logits(batch)
-        if targets.numel() == 0:  # no token was selected: nothing to learn, keep the graph connected
-            return logits.sum() * 0.0, 0
-        return F.cross_entropy(logits.float(), targets), int(targets.numel())
+        """Mean cross-entropy over the masked tokens (0 when none is masked), projection and loss fused
+        (``lightning_modules/fused_loss.py``); and the number of masked tokens."""
+        features, targets, _ = self.masked_features(batch)
+        decoder = self.model.lm_head.decoder
+        return linear_cross_entropy(features, decoder.weight, decoder.bias, targets), int(targets.numel())
 
     @torch.no_grad()
     def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

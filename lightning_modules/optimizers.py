@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["AdamWScale", "Lion", "MuonWithAdamW", "SophiaG", "rms_scaled_lr"]
+__all__ = ["AdamWScale", "Lion", "MuonWithAdamW", "SophiaG", "fusable", "rms_scaled_lr"]
 
 
 class _PerTensorOptimizer(torch.optim.Optimizer, ABC):
@@ -58,14 +58,29 @@ class _PerTensorOptimizer(torch.optim.Optimizer, ABC):
         return loss
 
 
+def fusable(groups: Iterable) -> bool:
+    """Whether PyTorch's fused (single-kernel) AdamW can update these parameters: floating-point tensors
+    on a CPU or a CUDA device (not the meta tensors ``plan`` builds). Several times faster than the
+    per-tensor loop on a CPU; the same update up to floating-point rounding."""
+    params = [p for group in groups for p in (group["params"] if isinstance(group, dict) else [group])]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def rms_scaled_lr(lr: float, parameter: torch.Tensor, min_scale: float = 1e-3) -> float:
     """nanoT5's per-tensor rate: ``lr * max(min_scale, RMS(parameter))``."""
     rms = float(parameter.float().norm(2)) / math.sqrt(parameter.numel())
     return lr * max(min_scale, rms)
 
 
-class AdamWScale(_PerTensorOptimizer):
-    """AdamW with per-tensor RMS learning-rate scaling (nanoT5's ``AdamWScale``).
+class AdamWScale(torch.optim.Optimizer):
+    """AdamW with per-tensor RMS learning-rate scaling (nanoT5's ``AdamWScale``): for each tensor theta,
+
+        m <- beta1 m + (1 - beta1) g;   v <- beta2 v + (1 - beta2) g^2
+        theta <- theta - lr * max(min_scale, RMS(theta)) * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
+        theta <- theta * (1 - lr * weight_decay)
+
+    All tensors of a group are updated with ``torch._foreach_*`` kernels, and the RMS scales stay on the
+    device (no host synchronisation per tensor).
 
     Args:
         params: parameters or parameter groups.
@@ -96,25 +111,53 @@ class AdamWScale(_PerTensorOptimizer):
     def rms(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.norm(2) / math.sqrt(tensor.numel())
 
-    def update(self, p: torch.Tensor, group: dict) -> None:
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(params, group)
+        return loss
+
+    def _update_group(self, params: list[torch.Tensor], group: dict) -> None:
         beta1, beta2 = group["betas"]
-        grad = p.grad.float()
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-        state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        step_size = step_size * max(group["min_scale"], float(self.rms(p.float())))
-        update = (exp_avg / denom).mul_(-step_size)
-        p.add_(update.to(p.dtype))
+        lr, eps = group["lr"], group["eps"]
+        grads = [p.grad.float() for p in params]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+        states = [self.state[p] for p in params]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        # -lr x bias correction x max(min_scale, RMS(theta)), one 0-d tensor per parameter, on the device
+        corrections = torch.tensor(
+            [-lr * math.sqrt(1.0 - beta2 ** s["step"]) / (1.0 - beta1 ** s["step"]) for s in states],
+            device=params[0].device,
+        )
+        sizes = torch.tensor([math.sqrt(p.numel()) for p in params], device=params[0].device)
+        norms = torch.stack(torch._foreach_norm([p.float() for p in params]))
+        step_sizes = (norms / sizes).clamp_(min=group["min_scale"]).mul_(corrections).unbind()
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, denominators)
+        torch._foreach_mul_(updates, step_sizes)
+        if all(p.dtype == torch.float32 for p in params):
+            torch._foreach_add_(params, updates)
+        else:
+            torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
 
 
 class Lion(_PerTensorOptimizer):

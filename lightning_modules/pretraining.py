@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from core.batch import INPUT_IDS
 from core.contracts import BudgetClock, DepthSchedule
 from core.errors import UserError
+from core.host_memory import retain_freed_memory
 from core.ledger import WorkLedger
 from lightning_modules.layer_control import LayerControlMixin
 from lightning_modules.optimizers import MuonWithAdamW, SophiaG
@@ -90,6 +91,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         decay_shape: ``linear``, ``cosine`` or ``sqrt`` decay (``wsd``).
         float32_matmul_precision: ``high`` lets float32 matrix products use TF32 on GPUs that have it
             (the paper's T5 ran so); ``None`` leaves PyTorch's setting alone.
+        compile_blocks: ``torch.compile`` each repeated block (BERT layer, T5 block) on its own. Layer
+            stacking and dropping change which blocks run, never what one block computes, so neither
+            recompiles; the first steps take longer while the blocks compile (needs a C++ compiler on a CPU).
+        retain_host_memory: on a CPU, keep freed memory in the process instead of returning it to the
+            kernel after every step (``core/host_memory.py``; faster CPU steps, resident memory stays at its peak).
     """
 
     def __init__(
@@ -102,10 +108,14 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         decay_fraction: float = 0.2,
         decay_shape: Literal["linear", "cosine", "sqrt"] = "linear",
         float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
+        compile_blocks: bool = False,
+        retain_host_memory: bool = True,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.float32_matmul_precision = float32_matmul_precision
+        self.compile_blocks = compile_blocks
+        self.retain_host_memory = retain_host_memory
         try:
             self.lr_schedule = LRSchedule(
                 name=lr_schedule,
@@ -151,8 +161,22 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         return int(batch[INPUT_IDS].numel())
 
     def setup(self, stage: str) -> None:
+        self.prepare_for_steps(self.device, str(self.trainer.precision))
+
+    def prepare_for_steps(self, device: torch.device, precision: str = "32-true") -> None:
+        """Process and model settings a step runs with, in ``fit`` as in ``calibrate``: float32 matmul
+        precision, freed host memory kept on a CPU, compiled blocks; the trainer precision the optimizer
+        is built for."""
+        self._precision = precision
         if self.float32_matmul_precision is not None:
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
+        if self.retain_host_memory and device.type == "cpu":
+            retain_freed_memory()
+        if self.compile_blocks and not getattr(self, "_blocks_compiled", False):
+            for stack in self.layer_stacks():
+                for block in stack:
+                    block.compile()
+            self._blocks_compiled = True
 
     # ----- budget progress ----------------------------------------------------------------------
     def budget_clock(self) -> BudgetClock | None:
@@ -171,6 +195,12 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
             return min(1.0, trainer.global_step / trainer.max_steps)
         return 0.0
+
+    def mixed_precision(self) -> bool:
+        """Whether the trainer runs automatic mixed precision (``16-mixed``, ``bf16-mixed``)."""
+        trainer = self._trainer
+        precision = str(trainer.precision) if trainer is not None else getattr(self, "_precision", "32-true")
+        return precision.endswith("-mixed")
 
     def _has_budget(self) -> bool:
         return self.budget_clock() is not None or bool(self.trainer.max_steps and self.trainer.max_steps > 0)

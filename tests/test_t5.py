@@ -132,18 +132,32 @@ def test_per_example_loss_matches_the_training_loss():
 
 
 def test_the_loss_is_computed_once_per_step(monkeypatch):
-    """The stock model computes a full-vocabulary loss when it gets ``labels``; the module must not ask for it."""
+    """The stock model computes a full-vocabulary loss when it gets ``labels``; the module must not ask for it,
+    and computes its own once, with the output projection fused into it (no separate logits)."""
+    import lightning_modules.t5_span_corruption as t5_module
+
     model, batch = _model(), _batch(6)
-    calls = []
-    original = torch.nn.functional.cross_entropy
+    cross_entropy_calls, fused_calls = [], []
+    original_ce, original_fused = torch.nn.functional.cross_entropy, t5_module.linear_cross_entropy
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
+    def counting_ce(*args, **kwargs):
+        cross_entropy_calls.append(args[0].shape)
+        return original_ce(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting)
+    def counting_fused(hidden, weight, *args, **kwargs):
+        fused_calls.append((tuple(hidden.shape), tuple(weight.shape)))
+        return original_fused(hidden, weight, *args, **kwargs)
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("the training loss must not materialise lm_head logits")
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting_ce)
+    monkeypatch.setattr(t5_module, "linear_cross_entropy", counting_fused)
+    monkeypatch.setattr(model.model.lm_head, "forward", no_logits)
     model.compute_loss(batch)[0].backward()
-    assert calls == [(6 * batch["labels"].shape[1], VOCAB)]
+    assert cross_entropy_calls == []
+    d_model = model.model.config.d_model
+    assert fused_calls == [((6, batch["labels"].shape[1], d_model), (VOCAB, d_model))]
 
 
 def test_the_output_head_is_untied_from_the_input_embedding():
