@@ -4,7 +4,8 @@ For every k = 1..L active layers the model's forward+backward and forward-only m
 timed on a synthetic batch of the run's shape, and one optimizer step. Each entry: warm-up, then the
 median of repeated iterations with the device synchronized around each; this is repeated in rounds
 that interleave the depths (a passing slowdown of the machine hits one round of every depth rather
-than all iterations of one), and each entry keeps its fastest round.
+than all iterations of one), and each entry keeps the median of its rounds: the price of a sustained
+step, as a fit runs it (the fastest round priced steps about 7 % below what a fit sustains on a shared VM).
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ def calibrate(
         fwd_bwd()  # gradients for every parameter, so the step touches all state
         opt_rounds.append(_median_seconds(optimizer.step, device, warmup, iterations))
         progress(f"  round {round_index + 1}/{rounds} done")
-    fb_seconds = [min(fb_rounds[k]) for k in depths]
-    f_seconds = [min(f_rounds[k]) for k in depths]
-    optimizer_seconds = {type(optimizer).__name__: min(opt_rounds)}
+    fb_seconds = [statistics.median(fb_rounds[k]) for k in depths]
+    f_seconds = [statistics.median(f_rounds[k]) for k in depths]
+    optimizer_seconds = {type(optimizer).__name__: statistics.median(opt_rounds)}
     for k in depths:
         progress(f"  {k:3d} layers: forward+backward {fb_seconds[k - 1] * 1e3:9.3f} ms, "
                  f"forward {f_seconds[k - 1] * 1e3:9.3f} ms")
@@ -162,7 +163,7 @@ def calibrate(
             "warmup": warmup,
             "iterations": iterations,
             "rounds": rounds,
-            "statistic": "min over rounds of the median over iterations",
+            "statistic": "median over rounds of the median over iterations",
         },
         model={"class": type(model).__name__, **{k: v for k, v in hparams.items() if isinstance(v, (int, float, str))}},
     )
@@ -177,7 +178,7 @@ def time_optimizer_steps(
     iterations: int = 10,
     rounds: int = 3,
 ) -> dict[str, float]:
-    """Seconds of one step of each optimizer ``builders`` make over ``model`` (min over rounds of the mean
+    """Seconds of one step of each optimizer ``builders`` make over ``model`` (median over rounds of the mean
     over ``iterations`` steps, so a periodic cost such as SOAP's preconditioner update is amortised: use at
     least its period), after ``make_gradients()`` (a forward+backward at full depth) fills every gradient."""
     model.set_active_layers(None)
@@ -185,7 +186,7 @@ def time_optimizer_steps(
     for build in builders:
         optimizer = build()
         make_gradients()
-        result[type(optimizer).__name__] = min(
+        result[type(optimizer).__name__] = statistics.median(
             _mean_seconds(optimizer.step, device, warmup, iterations) for _ in range(rounds)
         )
         del optimizer
