@@ -79,8 +79,9 @@ class AdamWScale(torch.optim.Optimizer):
         theta <- theta - lr * max(min_scale, RMS(theta)) * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
         theta <- theta * (1 - lr * weight_decay)
 
-    All tensors of a group are updated with ``torch._foreach_*`` kernels, and the RMS scales stay on the
-    device (no host synchronisation per tensor).
+    On a CPU each tensor is updated by PyTorch's fused AdamW kernel (with the rate and epsilon rescaled to
+    this update); elsewhere all tensors of a group with ``torch._foreach_*`` kernels. The RMS scales stay
+    on the device (no host synchronisation per tensor).
 
     Args:
         params: parameters or parameter groups.
@@ -123,6 +124,14 @@ class AdamWScale(torch.optim.Optimizer):
                 self._update_group(params, group)
         return loss
 
+    @staticmethod
+    def _fusable(params: list[torch.Tensor]) -> bool:
+        """PyTorch's fused AdamW kernel on the CPU for float32 tensors (several times faster than a loop
+        of element-wise kernels there); elsewhere ``torch._foreach_*`` (fast on GPUs, no host sync)."""
+        return hasattr(torch, "_fused_adamw_") and all(
+            p.device.type == "cpu" and p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params
+        )
+
     def _update_group(self, params: list[torch.Tensor], group: dict) -> None:
         beta1, beta2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
@@ -137,25 +146,37 @@ class AdamWScale(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        # -lr x bias correction x max(min_scale, RMS(theta)), one 0-d tensor per parameter, on the device
-        corrections = torch.tensor(
-            [-lr * math.sqrt(1.0 - beta2 ** s["step"]) / (1.0 - beta1 ** s["step"]) for s in states],
-            device=params[0].device,
-        )
         sizes = torch.tensor([math.sqrt(p.numel()) for p in params], device=params[0].device)
         norms = torch.stack(torch._foreach_norm([p.float() for p in params]))
-        step_sizes = (norms / sizes).clamp_(min=group["min_scale"]).mul_(corrections).unbind()
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denominators, eps)
-        updates = torch._foreach_div(exp_avgs, denominators)
-        torch._foreach_mul_(updates, step_sizes)
-        if all(p.dtype == torch.float32 for p in params):
-            torch._foreach_add_(params, updates)
+        scales = (norms / sizes).clamp_(min=group["min_scale"])  # max(min_scale, RMS(theta)), on the device
+        if self._fusable(params):
+            # PyTorch's fused AdamW kernel computes lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps_t):
+            # with lr_t = lr x scale and eps_t = eps / sqrt(1 - beta2^t) that is this update, in one pass per tensor
+            for p, grad, exp_avg, exp_avg_sq, state, scale in zip(
+                params, grads, exp_avgs, exp_avg_sqs, states, scales.unbind(), strict=True
+            ):
+                step = state["step"]
+                torch._fused_adamw_(
+                    [p], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))],
+                    lr=scale * lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                    eps=eps / math.sqrt(1.0 - beta2**step), amsgrad=False, maximize=False,
+                )
         else:
-            torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            corrections = torch.tensor(  # -lr x bias correction, one per parameter
+                [-lr * math.sqrt(1.0 - beta2 ** s["step"]) / (1.0 - beta1 ** s["step"]) for s in states],
+                device=params[0].device,
+            )
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denominators, eps)
+            updates = torch._foreach_div(exp_avgs, denominators)
+            torch._foreach_mul_(updates, (scales * corrections).unbind())
+            if all(p.dtype == torch.float32 for p in params):
+                torch._foreach_add_(params, updates)
+            else:
+                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
         if group["weight_decay"] > 0.0:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
 

@@ -226,6 +226,30 @@ def test_adamwscale_matches_a_hand_computed_step():
     torch.testing.assert_close(small.detach(), torch.full((3,), -1e-3), rtol=1e-3, atol=1e-6)
 
 
+def test_adamwscale_fused_and_foreach_updates_agree(monkeypatch):
+    """The CPU path (PyTorch's fused AdamW kernel with rescaled rate and epsilon) and the foreach path
+    (used on GPUs) compute the same update, also when a tensor skips steps (no gradient) and with decay."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(30, 20), (7,), (50,)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    gradients = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(6)]
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(AdamWScale, "_fusable", staticmethod(lambda params: fused))
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = AdamWScale(params, lr=1e-2, weight_decay=0.1)
+        for step, grads in enumerate(gradients):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            if step % 3 == 0:
+                params[2].grad = None
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    for fused, looped in zip(run(True), run(False)):
+        torch.testing.assert_close(fused, looped, rtol=1e-5, atol=1e-6)
+
+
 def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsys):
     train.main([
         "fit",
