@@ -276,14 +276,16 @@ class _Batches(torch.utils.data.Dataset):
 class InTrainer(Contender):
     """The module inside a Lightning ``Trainer`` with a user's callbacks, logger and checkpointing.
 
-    Each call to ``steps`` is one ``fit`` of ``count + 1`` steps on a fresh Trainer, continuing from the
-    module's weights; the first step (which builds the optimizer state) is not timed.
+    Each call to ``steps`` is one ``fit`` of ``warmup + count + 1`` steps on a fresh Trainer, continuing
+    from the module's weights; the first step (which builds the optimizer state) and ``warmup`` more
+    (the warm-up every contender gets after another one ran) are not timed.
     """
 
     def __init__(self, name: str, module: L.LightningModule, batches: list[dict], device: torch.device,
                  precision: str, step_seconds: float, workdir: Path) -> None:
         self.name, self.module, self.batches, self.device = name, module, batches, device
         self.precision, self.workdir = precision, workdir
+        self.warmup = 0  # set by run_rounds
         self.table = workdir / f"{name}-table.json"
         layers = module.num_layers
         # a price per micro-batch, so the budget clock runs as in a real fit (the budget itself never ends the run)
@@ -298,13 +300,13 @@ class InTrainer(Contender):
         ).save(self.table)
 
     def steps(self, count: int) -> list[float]:
-        clock, self._count = StepClock(self.device), count
+        clock, self._count = StepClock(self.device), count + self.warmup
         with _quiet():
             trainer = self._trainer(clock)
-        loader = torch.utils.data.DataLoader(_Batches(self.batches, count + 1), batch_size=None)
+        loader = torch.utils.data.DataLoader(_Batches(self.batches, self._count + 1), batch_size=None)
         with _quiet():
             trainer.fit(self.module, train_dataloaders=loader)
-        return clock.times  # from the end of the first step (which builds the optimizer state) on
+        return clock.times[self.warmup:]  # from the end of the first step (which builds the optimizer state) on
 
     def _trainer(self, clock: StepClock) -> L.Trainer:
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -369,7 +371,7 @@ def bert_contenders(shape: Shape, device: torch.device, workdir: Path, bf16: boo
                                        weight_decay=0.01), batches, device, stock_allocator=True)
     hand.flops = step_flops(hand.loss_of, hand.batches)
     stock.flops = step_flops(stock.loss_of, stock.batches)
-    contenders: dict[str, Contender] = {"bert_hand_fp32": hand, "bert_stock_fp32": stock}
+    contenders: dict[str, Contender] = {"bert_stock_fp32": stock, "bert_hand_fp32": hand}
     seconds = 1.0
     contenders["bert_trainer_fp32"] = InTrainer("bert_trainer_fp32", module, batches, device, "32-true", seconds, workdir)
     if bf16:
@@ -400,7 +402,7 @@ def t5_contenders(shape: Shape, device: torch.device, workdir: Path) -> dict[str
     stock.flops = step_flops(stock.loss_of, stock.batches)
     trainer = InTrainer("t5_trainer_fp32", module, batches, device, "32-true", 1.0, workdir)
     trainer.flops = hand.flops
-    return {"t5_hand_fp32": hand, "t5_stock_fp32": stock, "t5_trainer_fp32": trainer}
+    return {"t5_stock_fp32": stock, "t5_hand_fp32": hand, "t5_trainer_fp32": trainer}
 
 
 def run_rounds(contenders: dict[str, Contender], rounds: int, steps: int, warmup: int, slow: set[str],
@@ -417,6 +419,8 @@ def run_rounds(contenders: dict[str, Contender], rounds: int, steps: int, warmup
                 continue
             if isinstance(contender, HandLoop):
                 contender.steps(warmup)
+            elif name not in slow:
+                contender.warmup = warmup
             times[name].append(contender.steps(1 if name in slow else steps))
         log(f"  round {round_index + 1}/{rounds}: peak {peaks[-1] / 1e9:.0f} GFLOP/s; " + ", ".join(
             f"{n} {statistics.median(t[-1]) * 1e3:.0f} ms" for n, t in times.items() if t))
