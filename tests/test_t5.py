@@ -239,14 +239,14 @@ def test_adamwscale_fused_and_foreach_updates_agree(monkeypatch):
         params = [torch.nn.Parameter(t.clone()) for t in start]
         optimizer = AdamWScale(params, lr=1e-2, weight_decay=0.1)
         for step, grads in enumerate(gradients):
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g.clone()
             if step % 3 == 0:
                 params[2].grad = None
             optimizer.step()
         return [p.detach() for p in params]
 
-    for fused, looped in zip(run(True), run(False)):
+    for fused, looped in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(fused, looped, rtol=1e-5, atol=1e-6)
 
 
