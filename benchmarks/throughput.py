@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -191,14 +192,15 @@ def model_inputs(batch: dict) -> dict:
 
 
 # ----- contenders ----------------------------------------------------------------------------------
-class Contender:
+class Contender(ABC):
     """One way of training one model: ``steps(n)`` runs n optimizer steps and returns their wall seconds."""
 
     name: str
     flops: float = 0.0
 
+    @abstractmethod
     def steps(self, count: int) -> list[float]:
-        raise NotImplementedError
+        """Run ``count`` timed optimizer steps; their wall seconds."""
 
 
 class HandLoop(Contender):

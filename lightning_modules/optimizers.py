@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["AdamWScale", "Lion", "MuonWithAdamW", "SophiaG", "fusable", "rms_scaled_lr"]
+__all__ = ["AdamWScale", "Lion", "MuonWithAdamW", "SophiaG", "fusable", "rms_scale", "rms_scaled_lr"]
 
 
 class _PerTensorOptimizer(torch.optim.Optimizer, ABC):
@@ -66,10 +66,15 @@ def fusable(groups: Iterable) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
+def rms_scale(parameter: torch.Tensor, min_scale: float = 1e-3) -> torch.Tensor:
+    """nanoT5's per-tensor factor ``max(min_scale, RMS(parameter))`` as a 0-d tensor on the parameter's
+    device (multiplying a step by it needs no host synchronisation)."""
+    return (parameter.float().norm(2) / math.sqrt(parameter.numel())).clamp(min=min_scale)
+
+
 def rms_scaled_lr(lr: float, parameter: torch.Tensor, min_scale: float = 1e-3) -> float:
     """nanoT5's per-tensor rate: ``lr * max(min_scale, RMS(parameter))``."""
-    rms = float(parameter.float().norm(2)) / math.sqrt(parameter.numel())
-    return lr * max(min_scale, rms)
+    return lr * float(rms_scale(parameter, min_scale))
 
 
 class AdamWScale(torch.optim.Optimizer):
@@ -217,11 +222,11 @@ class Lion(_PerTensorOptimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
         grad, exp_avg = p.grad.float(), state["exp_avg"]
-        lr = rms_scaled_lr(group["lr"], p) if group["rms_scale"] else group["lr"]
+        lr = group["lr"] * rms_scale(p) if group["rms_scale"] else group["lr"]
         if group["weight_decay"] > 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
         update = exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1).sign_()
-        p.add_(update.to(p.dtype), alpha=-lr)
+        p.sub_(update.mul_(lr).to(p.dtype))
         exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
 
 
@@ -311,13 +316,13 @@ class SophiaG(_PerTensorOptimizer):
     def update(self, p: torch.Tensor, group: dict) -> None:
         state = self._state(p)
         state["step"] += 1
-        lr = rms_scaled_lr(group["lr"], p) if group["rms_scale"] else group["lr"]
+        lr = group["lr"] * rms_scale(p) if group["rms_scale"] else group["lr"]
         if group["weight_decay"] > 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
         exp_avg = state["exp_avg"]
         exp_avg.mul_(group["betas"][0]).add_(p.grad.float(), alpha=1.0 - group["betas"][0])
         ratio = (exp_avg.abs() / (group["rho"] * self.batch_positions * state["hessian"] + 1e-15)).clamp(max=1.0)
-        p.addcmul_(exp_avg.sign().to(p.dtype), ratio.to(p.dtype), value=-lr)
+        p.sub_((exp_avg.sign() * ratio).mul_(lr).to(p.dtype))
         wins = (ratio < 1.0).sum()
         self._unclipped = wins if self._unclipped is None else self._unclipped + wins
         self._coordinates += ratio.numel()

@@ -116,6 +116,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         self.float32_matmul_precision = float32_matmul_precision
         self.compile_blocks = compile_blocks
         self.retain_host_memory = retain_host_memory
+        self._blocks_compiled = False
+        self._precision = "32-true"  # the trainer precision the optimizer is built for (prepare_for_steps)
         try:
             self.lr_schedule = LRSchedule(
                 name=lr_schedule,
@@ -154,7 +156,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
     def target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Vocabulary logits ``(M, V)`` at the M positions the training loss uses (BERT: the masked
         tokens; T5: the target tokens, never ignored ones), with gradient: Sophia samples labels there."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no target_logits, which SophiaG's Hessian estimate needs")
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens the model reads from ``batch`` (for throughput)."""
@@ -172,7 +174,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
         if self.retain_host_memory and device.type == "cpu":
             retain_freed_memory()
-        if self.compile_blocks and not getattr(self, "_blocks_compiled", False):
+        if self.compile_blocks and not self._blocks_compiled:
             for stack in self.layer_stacks():
                 for block in stack:
                     block.compile()
@@ -199,7 +201,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
     def mixed_precision(self) -> bool:
         """Whether the trainer runs automatic mixed precision (``16-mixed``, ``bf16-mixed``)."""
         trainer = self._trainer
-        precision = str(trainer.precision) if trainer is not None else getattr(self, "_precision", "32-true")
+        precision = str(trainer.precision) if trainer is not None else self._precision
         return precision.endswith("-mixed")
 
     def _has_budget(self) -> bool:
