@@ -47,3 +47,18 @@ def test_the_benchmark_runs_at_a_tiny_shape_and_writes_every_field(corpus_file, 
     assert fit["fit_start_to_first_step_seconds"] > 0 and result["data"]["cold_cache_seconds"] > 0
     text = report.read_text()
     assert text.startswith("# Benchmarks") and "| `fit_wall_vs_calibrated` |" in text
+
+
+def test_ratios_pair_each_rounds_medians_so_drift_between_rounds_cancels(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks/throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "throughput", throughput)  # its dataclasses look themselves up there
+    spec.loader.exec_module(throughput)
+    # the machine runs twice as slow in round 2; b takes 3x as long as a in every round
+    times = {"a": [[1.0, 1.2, 0.9], [2.0, 2.2, 1.8]], "b": [[3.0, 3.3, 2.7], [6.0, 6.6, 5.4]], "slow": [[10.0], []]}
+    assert throughput.paired_ratio(times, "a", "b") == 3.0
+    assert throughput.paired_ratio(times, "b", "a") == 1 / 3
+    assert throughput.paired_ratio(times, "slow", "a") == 0.1  # only the round both ran
+    assert throughput.paired_ratio(times, "a", "missing") is None
