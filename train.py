@@ -1,8 +1,10 @@
-"""Entry point: ``python train.py {fit,validate,test,plan,calibrate,score} --config CFG``.
+"""Entry point: ``python train.py {fit,validate,test,plan,calibrate,score,export,evaluate} ...``.
 
 ``fit``/``validate``/``test`` go through LightningCLI; ``plan`` and ``calibrate`` are this project's
 commands for the RST budget (``core/planning.py``, ``core/calibration.py``); ``score`` writes the
-irreducible losses RHO-loss selects with (``callbacks/batch_selection.py``).
+irreducible losses RHO-loss selects with (``callbacks/batch_selection.py``); ``export`` writes a checkpoint
+as a Hugging Face directory (``lightning_modules/export.py``); ``evaluate`` fine-tunes and scores a
+checkpoint on a downstream suite (``studies/evaluation.py``).
 
 Every option of the model, the datamodule, the trainer and the callbacks is a typed ``__init__``
 argument, overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the
@@ -225,7 +227,59 @@ def score_command(argv: list[str]) -> None:
           f"({priced}); sidecar {known.output[:-4]}.json")
 
 
-PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command, "score": score_command}
+def export_command(argv: list[str]) -> None:
+    """``train.py export --ckpt_path CKPT --output DIR [--tokenizer DIR]``: write a pre-training checkpoint as a
+    Hugging Face directory (config, safetensors weights, tokenizer, model card) that ``AutoModelForMaskedLM`` /
+    ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load."""
+    from lightning_modules.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="train.py export", description=export_command.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint of BertMLM or T5SpanCorruption (e.g. .../last.ckpt)")
+    parser.add_argument("--output", required=True, help="the directory to write")
+    parser.add_argument("--tokenizer", help="the tokenizer directory, for checkpoints that hold none (older versions)")
+    known = parser.parse_args(argv)
+    loaded = export_checkpoint(known.ckpt_path, known.output, known.tokenizer)
+    auto = "AutoModelForMaskedLM" if loaded.family == "bert" else "AutoModelForSeq2SeqLM"
+    print(f"wrote {known.output}: {type(loaded.module.model).__name__} ({loaded.module.num_layers} layers, "
+          f"{sum(p.numel() for p in loaded.module.model.parameters()):,} parameters) and its tokenizer; load it with "
+          f"{auto}.from_pretrained({known.output!r}) and AutoTokenizer.from_pretrained({known.output!r})")
+
+
+def evaluate_command(argv: list[str]) -> None:
+    """``train.py evaluate --ckpt_path CKPT|DIR --suite {glue,superglue,sni,offline} --output FILE.json [--seeds 0,1,2]``:
+    fine-tune and score the checkpoint on every task of the suite (the last epoch's scores, the median over seeds)."""
+    from studies.evaluation import SUITES, Recipe, evaluate_checkpoint
+
+    parser = argparse.ArgumentParser(prog="train.py evaluate", description=evaluate_command.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="a pre-training checkpoint (.ckpt) or a train.py export directory")
+    parser.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
+    parser.add_argument("--output", required=True, help="the JSON file to write")
+    parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (default 0; the paper: several)")
+    parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
+    parser.add_argument("--select", default="last", choices=["last", "best"],
+                        help="score of the last epoch (default) or the best epoch per metric (the paper's code; optimistic)")
+    parser.add_argument("--data_dir", help="local files in the hub's schema for glue/superglue/sni (no hub access)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision of the fine-tuning (default 32-true)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    for name, field in Recipe.__dataclass_fields__.items():
+        kind = {"float": float, "int": int, "str": str}.get(str(field.type).split(" ")[0], int)
+        parser.add_argument(f"--{name}", type=kind, help=f"override the suite's {name}")
+    known = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in known.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {known.seeds}: give comma-separated integers, e.g. 0,1,2") from None
+    overrides = {name: getattr(known, name) for name in Recipe.__dataclass_fields__}
+    evaluate_checkpoint(known.ckpt_path, known.suite, known.output, seeds=seeds,
+                        tasks=[t.strip() for t in known.tasks.split(",")] if known.tasks else None, overrides=overrides,
+                        select=known.select, data_dir=known.data_dir, precision=known.precision,
+                        progress=not known.no_progress and sys.stderr.isatty(),
+                        log=lambda text: print(text, flush=True))
+    print(f"wrote {known.output}")
+
+
+PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command, "score": score_command, "export": export_command,
+                    "evaluate": evaluate_command}
 
 
 def main(args: list[str] | None = None) -> None:

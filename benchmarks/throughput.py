@@ -690,16 +690,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fit = result.get("end_to_end")
     _ratio = functools.partial(paired_ratio, times)
     result["ratios"] = {
-        "bert_fp32_vs_stock": _ratio(rows, "bert_trainer_fp32", "bert_stock_fp32"),
-        "bert_bf16_vs_fp32": _ratio(rows, "bert_trainer_bf16", "bert_trainer_fp32") if native else None,
-        "bert_trainer_vs_hand": _ratio(rows, "bert_trainer_fp32", "bert_hand_fp32"),
+        "bert_fp32_vs_stock": _ratio("bert_trainer_fp32", "bert_stock_fp32"),
+        "bert_bf16_vs_fp32": _ratio("bert_trainer_bf16", "bert_trainer_fp32") if native else None,
+        "bert_trainer_vs_hand": _ratio("bert_trainer_fp32", "bert_hand_fp32"),
         "bert_mfu_fp32": rows["bert_trainer_fp32"]["mfu_of_fp32_peak"] if "bert_trainer_fp32" in rows else None,
-        "t5_fp32_vs_stock": _ratio(rows, "t5_trainer_fp32", "t5_stock_fp32"),
-        "t5_trainer_vs_hand": _ratio(rows, "t5_trainer_fp32", "t5_hand_fp32"),
+        "t5_fp32_vs_stock": _ratio("t5_trainer_fp32", "t5_stock_fp32"),
+        "t5_trainer_vs_hand": _ratio("t5_trainer_fp32", "t5_hand_fp32"),
         "fit_wall_vs_calibrated": fit["fit_wall_vs_calibrated"] if fit else None,
     }
     if not native and "bert_trainer_bf16" in rows:
-        result["bert_bf16_vs_fp32_emulated"] = _ratio(rows, "bert_trainer_bf16", "bert_trainer_fp32")
+        result["bert_bf16_vs_fp32_emulated"] = _ratio("bert_trainer_bf16", "bert_trainer_fp32")
     report = markdown(result)
     print(report)
     if args.markdown:

@@ -25,6 +25,7 @@ from core.selection import PassIndexedCollator, PendingBatch
 from datamodules.corpora import Corpus, default_cache_dir
 from datamodules.packed_cache import PackedCache, PackingSpec
 from datamodules.streams import ResumableLoader, SequentialTrainingStream
+from datamodules.tokenizer_training import tokenizer_files
 
 __all__ = ["PretrainingDataModule"]
 
@@ -175,6 +176,17 @@ class PretrainingDataModule(L.LightningDataModule):
             self.splits, self.tokenizer, self.stats = self.cache.load()
             self.train_dataset, self.val_dataset = self.splits[self.train_split], self.splits["validation"]
         self._check_sizes(self.stats)
+
+    # ----- checkpoint: what `train.py export` needs beside the weights --------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved into every checkpoint: the tokenizer's files (a checkpoint exports on any machine, without
+        this data cache) and the corpus tokens one training example consumes (the model card's tokens)."""
+        if self.tokenizer is None:
+            return {}
+        return {"tokenizer_files": tokenizer_files(self.tokenizer), "tokens_per_sequence": int(self.tokens_per_sequence)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the tokenizer comes from the data cache, which the checkpoint's digests pin."""
 
     # ----- what batch selection checks (the irreducible-loss file of `train.py score`) -------------
     def masking_settings(self) -> dict[str, Any]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 __all__ = [
     "BERT_SPECIAL_TOKENS",
     "T5_SENTINELS",
     "T5_SPECIAL_TOKENS",
     "canonical_vocabulary",
+    "tokenizer_files",
     "train_unigram_tokenizer",
     "train_wordpiece_tokenizer",
 ]
@@ -124,3 +126,12 @@ def train_unigram_tokenizer(dataset, vocab_size: int, sentinels: int = T5_SENTIN
     wrapped = T5Tokenizer(vocab=pieces, extra_ids=sentinels, model_max_length=1_000_000)
     wrapped.backend_tokenizer.normalizer = normalizers.NFKC()
     return wrapped
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The text files ``save_pretrained`` writes for ``tokenizer``, by name (``AutoTokenizer`` loads them back)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(tmp).iterdir()) if path.is_file()}

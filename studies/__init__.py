@@ -1,0 +1,1 @@
+"""Studies over trained checkpoints: downstream evaluation (``train.py evaluate``)."""
