@@ -1,10 +1,11 @@
-"""Entry point: ``python train.py {fit,validate,test,plan,calibrate,score,export,evaluate} ...``.
+"""Entry point: ``python train.py {fit,validate,test,plan,calibrate,score,export,evaluate,compare} ...``.
 
 ``fit``/``validate``/``test`` go through LightningCLI; ``plan`` and ``calibrate`` are this project's
 commands for the RST budget (``core/planning.py``, ``core/calibration.py``); ``score`` writes the
 irreducible losses RHO-loss selects with (``callbacks/batch_selection.py``); ``export`` writes a checkpoint
 as a Hugging Face directory (``lightning_modules/export.py``); ``evaluate`` fine-tunes and scores a
-checkpoint on a downstream suite (``studies/evaluation.py``).
+checkpoint on a downstream suite (``studies/evaluation.py``); ``compare`` runs a study of methods against
+the baseline and reports whether each beat it (``studies/compare.py``).
 
 Every option of the model, the datamodule, the trainer and the callbacks is a typed ``__init__``
 argument, overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the
@@ -278,8 +279,30 @@ def evaluate_command(argv: list[str]) -> None:
     print(f"wrote {known.output}")
 
 
+def compare_command(argv: list[str]) -> None:
+    """``train.py compare --study FILE [--output DIR] [--launcher local|print|slurm] [--report] [--run ID]``: run the
+    study's methods, budgets and seeds (skipping finished runs, continuing interrupted ones) and write its report."""
+    from studies.compare import load_study, run_study, write_report
+
+    parser = argparse.ArgumentParser(prog="train.py compare", description=compare_command.__doc__)
+    parser.add_argument("--study", required=True, help="the study file (YAML), e.g. configs/studies/smoke.yaml")
+    parser.add_argument("--output", help="the study directory (default runs/studies/<name>)")
+    parser.add_argument("--launcher", default="local", choices=["local", "print", "slurm"],
+                        help="local: one run after another here (default); print: the runs' commands, one per line; "
+                             "slurm: a job-array script")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs on disk")
+    parser.add_argument("--run", help="run only this run (its id, e.g. baseline/60s/seed0; what print and slurm launch)")
+    known = parser.parse_args(argv)
+    study = load_study(known.study, known.output)
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    if known.report:
+        write_report(study, log)
+    else:
+        run_study(study, known.launcher, known.run, log)
+
+
 PROJECT_COMMANDS = {"plan": plan_command, "calibrate": calibrate_command, "score": score_command, "export": export_command,
-                    "evaluate": evaluate_command}
+                    "evaluate": evaluate_command, "compare": compare_command}
 
 
 def main(args: list[str] | None = None) -> None:

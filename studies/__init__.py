@@ -1,1 +1,1 @@
-"""Studies over trained checkpoints: downstream evaluation (``train.py evaluate``)."""
+"""Studies: downstream evaluation (``train.py evaluate``) and method-vs-baseline comparisons (``train.py compare``)."""

@@ -56,8 +56,8 @@ SUITES: dict[str, dict[str, tuple[tuple[str, ...], Recipe]]] = {
     "offline": {
         "bert": (("reviews", "news-topic", "tweets"),
                  Recipe(1e-3, 32, 3, max_length=128, max_train_examples=2000, max_eval_examples=1000)),
-        "t5": (("headlines",), Recipe(1e-3, 16, 3, max_length=192, max_target_length=32, lr_schedule="constant",
-                                     warmup_fraction=0.0, max_train_examples=1600, max_eval_examples=200)),
+        "t5": (("headlines",), Recipe(3e-3, 16, 3, max_length=192, max_target_length=24, lr_schedule="constant",
+                                     warmup_fraction=0.0, max_eval_examples=200)),
     },
 }
 

@@ -1,0 +1,160 @@
+"""`train.py compare`: a tiny study end to end, resuming, failures, bad study files, the significance test."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+from core.significance import student_t_quantile, welch_t_test
+from helpers import ROOT
+
+TINY_OVERLAY = {
+    "data": {"init_args": {"vocab_size": 200, "seq_len": 32, "batch_size": 16, "validation_fraction": 0.05,
+                           "max_validation_sequences": 64}},
+    "model": {"init_args": {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
+                            "learning_rate": 5e-3}},
+    "trainer": {"val_check_interval": 4, "log_every_n_steps": 2},
+}
+TINY_TABLE = {"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 16, "fwd_bwd_seconds": [1.0, 1.0],
+              "fwd_seconds": [0.25, 0.25], "optimizer_step_seconds": {"AdamW": 0.0}}
+
+
+def _study(tmp_path: Path, corpus: Path, methods: list[dict], **extra) -> Path:
+    overlay = json.loads(json.dumps(TINY_OVERLAY))
+    overlay["data"]["init_args"]["corpus"] = {"source": "files", "data_files": str(corpus)}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(overlay))
+    (tmp_path / "table.json").write_text(json.dumps(TINY_TABLE))
+    study = {"name": "tiny", "base": [str(ROOT / "configs/bert/demo.yaml"), "tiny.yaml"], "table": "table.json",
+             "budgets": ["8s"], "seeds": [0, 1], "methods": methods, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+BASELINE_AND_STACKING = [{"name": "baseline"}, {"name": "stacking", "configs": [str(ROOT / "configs/bert/demo-stacking.yaml")]}]
+
+
+def _compare(study: Path, out: Path, *extra: str) -> None:
+    train.main(["compare", "--study", str(study), "--output", str(out), *extra])
+
+
+def test_a_tiny_study_writes_every_artefact_and_a_rerun_skips_finished_runs(corpus_file, tmp_path, capsys):
+    evaluate = {"suite": "offline", "tasks": "reviews", "max_train_examples": 32, "max_eval_examples": 32, "epochs": 1}
+    study = _study(tmp_path, corpus_file, BASELINE_AND_STACKING, evaluate=evaluate)
+    out = tmp_path / "study"
+    _compare(study, out)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["method"], r["budget"], r["seed"], r["status"]) for r in rows] == [
+        ("baseline", "8s", "0", "done"), ("baseline", "8s", "1", "done"),
+        ("stacking", "8s", "0", "done"), ("stacking", "8s", "1", "done")]
+    for r in rows:
+        assert int(r["optimizer_steps"]) == 8  # 1 RST-second per step at either depth
+        assert float(r["rst_spent_seconds"]) == pytest.approx(8.0)
+        assert float(r["val_loss"]) > 0 and float(r["train_loss"]) > 0 and 0 <= float(r["downstream_average"]) <= 100
+        assert int(r["tokens"]) == 8 * 16 * 32
+    for artefact in ("report.md", "val_loss_vs_rst.png", "train_loss_vs_rst.png", "downstream.png", "comparison.json"):
+        assert (out / artefact).stat().st_size > 0, artefact
+    report = (out / "report.md").read_text()
+    assert "beat the baseline at 8 RST-seconds" in report and "Welch" in report
+    comparison = json.loads((out / "comparison.json").read_text())
+    stacking = next(e for e in comparison if e["method"] == "stacking")
+    values = [float(r["val_loss"]) for r in rows if r["method"] == "stacking"]
+    assert stacking["val_loss_mean"] == pytest.approx(sum(values) / 2)
+    assert stacking["val_loss_test"]["p_value"] == pytest.approx(welch_t_test(
+        values, [float(r["val_loss"]) for r in rows if r["method"] == "baseline"]).p_value)
+    assert len(list((out / "hparams").iterdir())) == 4
+    logs = {p: p.stat().st_mtime for p in out.glob("runs/*/*/*/fit.log")}
+    assert len(logs) == 4
+    capsys.readouterr()
+    _compare(study, out)
+    assert capsys.readouterr().out.count("done, skipped") == 4
+    assert {p: p.stat().st_mtime for p in logs} == logs  # nothing ran again
+
+
+def test_an_interrupted_run_continues_from_its_last_checkpoint(corpus_file, tmp_path, capsys):
+    study = _study(tmp_path, corpus_file, [{"name": "baseline"}], seeds=[0])
+    out = tmp_path / "study"
+    run_dir = out / "runs" / "baseline" / "8s" / "seed0"
+    _compare(study, out, "--launcher", "print")  # writes nothing but the commands; resolves every config
+    assert capsys.readouterr().out.count("--run baseline/8s/seed0") == 1
+    from studies.compare import load_study, resolved_config
+
+    loaded = load_study(study, out)
+    config = resolved_config(loaded, loaded.runs()[0])
+    config["trainer"]["max_steps"] = 4  # the same run, stopped after 4 of its 8 steps
+    run_dir.mkdir(parents=True)
+    (run_dir / "half.yaml").write_text(yaml.safe_dump(config))
+    train.main(["fit", "--config", str(run_dir / "half.yaml")])  # "interrupted" after 4 of its 8 steps
+    assert (run_dir / "tb/run/checkpoints/last.ckpt").is_file() and not (run_dir / "result.json").exists()
+    _compare(study, out)
+    assert "continuing from" in capsys.readouterr().out
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "done" and result["optimizer_steps"] == 8 and result["rst_spent_seconds"] == pytest.approx(8.0)
+
+
+def test_a_method_whose_runs_fail_is_reported_as_failed(corpus_file, tmp_path):
+    methods = [{"name": "baseline"}, {"name": "broken", "overrides": {"model.init_args.num_heads": 3}}]
+    study = _study(tmp_path, corpus_file, methods, seeds=[0])
+    out = tmp_path / "study"
+    _compare(study, out)
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["baseline"]["status"] == "done"
+    assert rows["broken"]["status"] == "failed" and "num_heads" in rows["broken"]["error"]
+    report = (out / "report.md").read_text()
+    assert "| 8s | broken | failed (1 failed) |" in report and "broken at 8s: failed: error:" in report
+
+
+def _one_line_error(args, capsys) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_study_files_are_refused_in_one_line_before_any_run(corpus_file, tmp_path, capsys):
+    out = tmp_path / "study"
+    cases = [
+        ([{"name": "stacking", "configs": [str(ROOT / "configs/bert/demo-stacking.yaml")]}], {}, "no method named 'baseline'"),
+        ([{"name": "baseline"}, {"name": "x", "overrides": {"model.init_args.optimizer": {"class_path": "nope.Nope"}}}], {},
+         "cannot import class 'nope.Nope'"),
+        ([{"name": "baseline"}], {"table": "missing.json"}, "table 'missing.json' does not exist"),
+    ]
+    for methods, extra, message in cases:
+        study = _study(tmp_path, corpus_file, methods)
+        if extra:
+            raw = yaml.safe_load(study.read_text())
+            raw.update(extra)
+            study.write_text(yaml.safe_dump(raw))
+        assert message in _one_line_error(["compare", "--study", str(study), "--output", str(out)], capsys)
+        assert not (out / "runs").exists()
+
+
+def test_the_shipped_studies_resolve_every_run():
+    from studies.compare import load_study, resolved_config
+
+    for path in sorted((ROOT / "configs/studies").glob("*.yaml")):
+        study = load_study(path)
+        runs = study.runs()
+        assert {r.method for r in runs} >= {"baseline", "stacking"}
+        for run in runs:
+            config = resolved_config(study, run)
+            assert config["seed_everything"] == run.seed
+
+
+def test_welch_t_test_gives_the_known_p_values():
+    # equal variances, t = -2 on 8 degrees of freedom: two-sided p = 0.0805 (t tables)
+    result = welch_t_test([1, 2, 3, 4, 5], [3, 4, 5, 6, 7])
+    assert (result.t, result.df) == (-2.0, 8.0) and result.p_value == pytest.approx(0.0805162, abs=1e-6)
+    assert (result.low, result.high) == (pytest.approx(-2 - 2.306004, abs=1e-5), pytest.approx(-2 + 2.306004, abs=1e-5))
+    # unequal variances: R's t.test(1:5, c(2, 4, 6, 8, 10)) gives t = -1.8974, df = 5.8824, p = 0.1075
+    result = welch_t_test([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert result.t == pytest.approx(-1.8974, abs=1e-4) and result.df == pytest.approx(5.8824, abs=1e-4)
+    assert result.p_value == pytest.approx(0.1075, abs=1e-4)
+    assert student_t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)  # the 95 % critical value at 1 df
+    assert welch_t_test([1.0], [2.0, 3.0]) is None  # no variance from one seed
