@@ -103,6 +103,7 @@ class Study:
     table: str | None = None
     evaluate: dict[str, Any] | None = None
     output: Path = Path("runs/studies")
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied to every method, before its own
 
     def runs(self) -> list[Run]:
         runs = []
@@ -134,7 +135,7 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
     if not file.is_file():
         raise UserError(f"--study {path}: no such file")
     raw = yaml.safe_load(file.read_text()) or {}
-    known = {"name", "base", "budgets", "table", "seeds", "methods", "evaluate"}
+    known = {"name", "base", "budgets", "table", "seeds", "methods", "evaluate", "overrides"}
     unknown = set(raw) - known
     if unknown:
         raise UserError(f"{file}: unknown key {sorted(unknown)[0]!r}; a study has {', '.join(sorted(known))}")
@@ -181,8 +182,11 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
     if evaluate is not None and (not isinstance(evaluate, dict) or "suite" not in evaluate):
         raise UserError(f"{file}: evaluate needs a suite, e.g. evaluate: {{suite: offline}}")
     name = str(raw.get("name") or file.stem)
-    out = Path(output) if output else Path("runs/studies") / name
-    return Study(name, file, base, budgets, tuple(seeds), tuple(methods), table, evaluate, out)
+    out = (Path(output) if output else Path("runs/studies") / name).resolve()
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"{file}: overrides must map dotted keys to values, e.g. overrides: {{trainer.val_check_interval: 50}}")
+    return Study(name, file, base, budgets, tuple(seeds), tuple(methods), table, evaluate, out, dict(overrides))
 
 
 # ----- one run's configuration ---------------------------------------------------------------------------
@@ -232,8 +236,11 @@ def _parsed(configs: tuple[str, ...], method: str) -> str:
 
     import train
 
-    class _ConfigOnly(train.PretrainingCLI):
-        def instantiate_classes(self) -> None:  # only the configuration is wanted here
+    class _ConfigOnly(train.PretrainingCLI):  # only the configuration is wanted here
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _set_seed(self) -> None:
             pass
 
     captured = io.StringIO()
@@ -252,7 +259,7 @@ def resolved_config(study: Study, run: Run) -> dict[str, Any]:
     method's overrides and grid point, the budget (and table), the seed and the run's log directory."""
     method = next(m for m in study.methods if m.name == run.method)
     config = yaml.safe_load(_parsed(tuple(study.base) + tuple(method.configs), run.method))
-    for key, value in {**method.overrides, **run.setting}.items():
+    for key, value in {**study.overrides, **method.overrides, **run.setting}.items():
         _set_dotted(config, key, value.replace("{study}", str(study.output)) if isinstance(value, str) else value)
     _check_class_paths(config, f"method {run.method}")
     callbacks = config["trainer"].get("callbacks") or []
@@ -350,6 +357,8 @@ def prepare(study: Study, method: Method, log=print) -> None:
     stamp.parent.mkdir(parents=True, exist_ok=True)
     for command in method.prepare:
         arguments = shlex.split(command.replace("{study}", str(study.output)))
+        arguments = [_resolve(arg, study.path.parent) if index and arguments[index - 1] == "--config" else arg
+                     for index, arg in enumerate(arguments)]  # config paths resolve as the study's own do
         log(f"  preparing {method.name}: train.py {' '.join(arguments)}")
         with open(stamp.with_suffix(".log"), "a") as output:
             completed = subprocess.run([sys.executable, str(TRAIN), *arguments], stdout=output, stderr=subprocess.STDOUT,
