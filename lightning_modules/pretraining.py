@@ -16,6 +16,7 @@ progress from the run's ``BudgetClock``.
 from __future__ import annotations
 
 import time
+from abc import ABCMeta, abstractmethod
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
@@ -77,7 +78,7 @@ def muon_parameter_groups(module: PretrainingModule, weight_decay: float) -> lis
             *parameter_groups(rest, weight_decay)]
 
 
-class PretrainingModule(LayerControlMixin, L.LightningModule):
+class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta):
     """Base class: optimizer from the CLI, LR schedule of budget progress, ledger charges, throughput.
 
     Args:
@@ -139,24 +140,26 @@ class PretrainingModule(LayerControlMixin, L.LightningModule):
         self._hessian_seed = 0
 
     # ----- subclasses ---------------------------------------------------------------------------
+    @abstractmethod
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The optimizer the paper uses for this model, over ``groups``."""
 
     def default_weight_decay(self) -> float:
         return 0.0
 
+    @abstractmethod
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | torch.Tensor]:
         """Return the mean loss over the batch's target tokens and their number (an int or a 0-d tensor,
         read only in validation, so training steps never wait for the device)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The mean loss of each example of ``batch`` (batch selection scores examples by it)."""
 
+    @abstractmethod
     def target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Vocabulary logits ``(M, V)`` at the M positions the training loss uses (BERT: the masked
         tokens; T5: the target tokens, never ignored ones), with gradient: Sophia samples labels there."""
-        raise NotImplementedError(f"{type(self).__name__} defines no target_logits, which SophiaG's Hessian estimate needs")
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens the model reads from ``batch`` (for throughput)."""
