@@ -115,6 +115,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer = None
+        self._tokenizer_files: dict[str, str] | None = None
         self.splits: dict[str, Any] = {}
         self.train_dataset = None
         self.val_dataset = None
@@ -183,7 +184,9 @@ class PretrainingDataModule(L.LightningDataModule):
         this data cache) and the corpus tokens one training example consumes (the model card's tokens)."""
         if self.tokenizer is None:
             return {}
-        return {"tokenizer_files": tokenizer_files(self.tokenizer), "tokens_per_sequence": int(self.tokens_per_sequence)}
+        if self._tokenizer_files is None:  # serialised once, not at every checkpoint
+            self._tokenizer_files = tokenizer_files(self.tokenizer)
+        return {"tokenizer_files": self._tokenizer_files, "tokens_per_sequence": int(self.tokens_per_sequence)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the tokenizer comes from the data cache, which the checkpoint's digests pin."""
