@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import sys
 import warnings
 
@@ -33,18 +34,59 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from core.errors import UserError  # noqa: E402
+from core.errors import TrainingStopped, UserError  # noqa: E402
 
 
 class PretrainingCLI(LightningCLI):
-    """LightningCLI with the data -> model links and the end-of-fit summary."""
+    """LightningCLI with the data -> model links, resuming by keyword, fresh log versions claimed
+    atomically, the non-finite check, and the end-of-fit summary."""
+
+    preempted = False  # a SIGTERM stopped the fit (RunCheckpoint saved it): main() exits with status 143
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.max_seq_len", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters here, right after parsing: resolve
+        # `last`/`last-good` and refuse a damaged file first
+        subcommand = self.config.get("subcommand")
+        if subcommand in ("fit", "validate", "test"):
+            resolve_checkpoint(self.config[subcommand], subcommand)
+        try:
+            super()._parse_ckpt_path()  # loads with weights_only=True
+        except pickle.UnpicklingError as error:
+            config = self.config[subcommand]
+            if config.get("weights_only") is False:
+                return  # trusted by the user: Lightning loads it in full when the run starts
+            reason = str(error).split("WeightsUnpickler error: ")[-1].split(". ")[0].strip()
+            raise UserError(
+                f"--ckpt_path {config.ckpt_path} holds objects that loading with weights_only=True refuses ({reason}); "
+                "loading it in full can run code from the file: only if you trust where it came from, add "
+                "--weights_only false"
+            ) from None
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            claim_log_version(self.config["fit"])
+
+    def instantiate_trainer(self, **kwargs):
+        from callbacks.numerics import NonFiniteCheck
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, NonFiniteCheck) for c in trainer.callbacks):
+            trainer.callbacks.append(NonFiniteCheck())
+        return trainer
+
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        checkpoint = trainer.checkpoint_callback
+        if getattr(checkpoint, "preempted", False):  # RunCheckpoint: no final validation, exit status 143
+            PretrainingCLI.preempted = True
+            if trainer.is_global_zero:
+                print(f"pre-empted: stopped by SIGTERM at optimizer step {trainer.global_step}, saved "
+                      f"{checkpoint.last_model_path}; continue with --ckpt_path last", flush=True)
+            return
         results = trainer.validate(model, datamodule=datamodule, verbose=False)
         val_loss = results[0].get("val/loss") if results else None
         summary = run_summary(trainer, model, datamodule, val_loss)  # on every rank: log_dir is a collective
@@ -68,6 +110,79 @@ def run_summary(trainer, model, datamodule, val_loss) -> str:
         f"TensorBoard logs: {log_dir} (tensorboard --logdir {os.path.dirname(log_dir) or log_dir}); "
         f"checkpoint: {checkpoint or 'none saved'}"
     )
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "GROUP_RANK")
+_LAUNCHED_VERSION = "NTNG_LOG_VERSION"  # the version the launching process claimed, for the ranks it starts
+_CLAIMED_VERSIONS: list[str] = []  # folders made for a new run: removed if it fails before writing into them
+
+
+def _is_first_process() -> bool:
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+def _logger_root(config) -> tuple[str | None, object]:
+    """``<save_dir>/<name>`` of the configured logger (TensorBoard, CSV), and its init_args."""
+    init_args = getattr(config.trainer.get("logger"), "init_args", None)
+    if init_args is not None and init_args.get("save_dir") is not None and "name" in init_args:
+        return os.path.join(str(init_args.save_dir), str(init_args.name or "")), init_args
+    return None, init_args
+
+
+def resolve_checkpoint(config, subcommand: str) -> None:
+    """Resolve ``--ckpt_path last|last-good`` to a file of this configuration's runs (a resumed fit logs into
+    that run's version directory again); check the integrity of the checkpoint to be loaded.
+
+    Lightning's own ``last`` looks only in the new run's folder, and each start opens a new version.
+    """
+    from core.checkpoints import RESUME_KEYWORDS, check_checkpoint, resume_target
+
+    ckpt_path = config.get("ckpt_path")
+    if "weights_only" in config and config.weights_only is None:
+        config.weights_only = True  # whatever torch's default: a checkpoint never runs code unless the user says so
+    root, init_args = _logger_root(config)
+    if ckpt_path in RESUME_KEYWORDS:
+        if root is None:
+            raise UserError(f"--ckpt_path {ckpt_path} finds checkpoints through the logger's save_dir and name: "
+                            "configure trainer.logger (e.g. TensorBoardLogger), or give the checkpoint file")
+        target = resume_target(root, ckpt_path)
+        if target is None:
+            print(f"warning: --ckpt_path {ckpt_path}: no checkpoint under {root}/version_*/checkpoints yet; starting "
+                  "a new run", file=sys.stderr, flush=True)
+            config.ckpt_path = None
+            return
+        for damaged, problem in target.skipped:
+            print(f"warning: skipping damaged checkpoint {damaged} ({problem})", file=sys.stderr, flush=True)
+        config.ckpt_path = str(target.checkpoint)
+        if subcommand == "fit" and init_args.get("version") is None:
+            init_args.version = target.version  # the resumed run keeps logging where it left off
+        print(f"resuming from {target.checkpoint}", file=sys.stderr, flush=True)
+    elif ckpt_path is not None and ckpt_path not in ("best", "hpc") and not str(ckpt_path).startswith("registry"):
+        check_checkpoint(ckpt_path)
+
+
+def claim_log_version(config) -> None:
+    """Give a new fit a fresh ``version_N`` made atomically, so two runs started together never share one.
+
+    Processes that Lightning's DDP launcher starts use the version the launching process claimed.
+    """
+    from core.checkpoints import claim_version
+
+    root, init_args = _logger_root(config)
+    if root is None or init_args.get("version") is not None:
+        return
+    if _is_first_process():
+        created, parent = [], os.path.abspath(root)
+        while not os.path.exists(parent):  # the folders this claim creates, removed again if the run fails
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        init_args.version = claim_version(root)
+        _CLAIMED_VERSIONS.extend([os.path.join(root, init_args.version), *created])
+        os.environ[_LAUNCHED_VERSION] = json.dumps([root, init_args.version])
+    else:
+        claimed_root, version = json.loads(os.environ.get(_LAUNCHED_VERSION, '["", ""]'))
+        if claimed_root == root and version:
+            init_args.version = version
 
 
 def _configured(cli_args: list[str], device: str | None = None):
@@ -310,19 +425,43 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # the training stream shards its batches across workers itself (datamodules/streams.py)
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+    # ... and resumes mid-epoch from the data module's checkpoint state (the batches consumed), not the loader's
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     argv = sys.argv[1:] if args is None else list(args)
+    _CLAIMED_VERSIONS.clear()
     try:
         if argv and argv[0] in PROJECT_COMMANDS:
             PROJECT_COMMANDS[argv[0]](argv[1:])
         else:
+            PretrainingCLI.preempted = False
             PretrainingCLI(save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=argv)
             _close_process_group()
+            if PretrainingCLI.preempted:
+                from callbacks.checkpointing import SIGTERM_EXIT_STATUS
+
+                raise SystemExit(SIGTERM_EXIT_STATUS)
     except Exception as error:
         user_error = find_user_error(error)
+        if user_error is not None and not isinstance(user_error, TrainingStopped):
+            _remove_claimed_folders()  # bad input: no partial output from a run that never trained
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _remove_claimed_folders() -> None:
+    """Remove the version folder this process claimed for a new run (only what the run wrote: its config
+    and empty logs, never a folder holding checkpoints) and the parent folders the claim created."""
+    import shutil
+
+    version, *parents = _CLAIMED_VERSIONS or [None]
+    if version is None or os.path.isdir(os.path.join(version, "checkpoints")):
+        return
+    shutil.rmtree(version, ignore_errors=True)
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)  # only if empty
 
 
 def _close_process_group() -> None:

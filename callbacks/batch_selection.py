@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from core.batch import EXAMPLE_ID, PASS_INDEX
 from core.contracts import BatchSelector, PerExampleLoss
 from core.errors import UserError
+from core.sealing import file_sha256, seal, verify_seal
 from core.selection import (
     LossHistory,
     PassIndexedCollator,
@@ -464,9 +465,16 @@ def load_irreducible_losses(path: str, expected: dict[str, Any]) -> tuple[np.nda
         raise UserError(f"RhoLoss: no irreducible-loss file at {path}: {remake}")
     if not sidecar_file.exists():
         raise UserError(f"RhoLoss: {path} has no sidecar {sidecar_file} saying which examples it scores: {remake}")
-    sidecar = json.loads(sidecar_file.read_text())
-    if sidecar.get("format") != IRREDUCIBLE_FORMAT:
+    try:
+        sidecar = json.loads(sidecar_file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"RhoLoss: {sidecar_file} is not valid JSON ({error}): {remake}") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != IRREDUCIBLE_FORMAT:
         raise UserError(f"RhoLoss: {sidecar_file} is not an irreducible-loss sidecar ({IRREDUCIBLE_FORMAT}): {remake}")
+    verify_seal(sidecar, f"RhoLoss: the sidecar {sidecar_file}", remake)
+    if file_sha256(losses_file) != sidecar.get("losses_sha256"):
+        raise UserError(f"RhoLoss: {path} is not the file its sidecar describes (its sha256 differs; changed or "
+                        f"replaced after scoring): {remake}")
     theirs = sidecar.get("examples", {})
     what = {
         "objective": "objective",
@@ -594,6 +602,7 @@ def score_training_examples(trainer, model, datamodule, checkpoint: str | Path, 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".partial.npy")
     np.save(staging, losses[0] if passes == 1 else losses)
+    sidecar = seal({**sidecar, "losses_sha256": file_sha256(staging)})
     staging.replace(output)
     sidecar_path(output).write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar

@@ -94,6 +94,8 @@ class LayerDropping(Callback, DepthSchedule):
         self._checked_step = -1
         self._training_selection: tuple[int, ...] | None = None
         self._hooks: list = []
+        self._last_draw: tuple[int, ...] = ()
+        self._resumed_draw: tuple[float, list[int]] | None = None
 
     def draw(self, tau: float, step: int, num_layers: int, required: Sequence[int] = ()) -> list[int]:
         """The layers that run at optimizer step ``step`` with budget progress ``tau``."""
@@ -138,6 +140,15 @@ class LayerDropping(Callback, DepthSchedule):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._checked_step = -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed_draw is not None:
+            # a resumed run continues with the last step's layers and keep level, as the run it continues had
+            # them until the next step's draw: a batch selector scores the next candidates with them
+            self._theta, active = self._resumed_draw
+            self._resumed_draw = None
+            self._set_keep_probabilities(pl_module)
+            pl_module.set_active_layers(active)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._checked_step:
             return  # inside gradient accumulation: the active set stays fixed within an optimizer step
@@ -146,6 +157,7 @@ class LayerDropping(Callback, DepthSchedule):
         self._theta = keep_level(tau, self.gamma_f, self.theta_bar)
         self._set_keep_probabilities(pl_module)
         active = self.draw(tau, trainer.global_step, pl_module.num_layers, pl_module.required_layers())
+        self._last_draw = tuple(active)
         pl_module.set_active_layers(active)
         pl_module.log_dict(
             {"arch/drop_prob": 1.0 - self._theta, "arch/active_layers": float(len(active))},
@@ -177,9 +189,15 @@ class LayerDropping(Callback, DepthSchedule):
         pl_module.set_active_layers(None)  # the trained model runs all its layers from here on
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}  # draws derive from (seed, step): nothing else to restore
+        # draws derive from (seed, step); the last draw is kept for what runs before the next one
+        state: dict[str, Any] = {"seed": self.seed}
+        if self._last_draw:
+            state.update(theta=self._theta, active_layers=list(self._last_draw))
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("active_layers"):
+            self._resumed_draw = (float(state_dict["theta"]), [int(i) for i in state_dict["active_layers"]])
         if int(state_dict.get("seed", self.seed)) != self.seed:
             raise UserError(
                 f"LayerDropping seed={self.seed}, but the checkpoint was trained with seed={state_dict['seed']}: "

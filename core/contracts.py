@@ -101,6 +101,11 @@ class BudgetClock(ABC):
     def budget_progress(self) -> float:
         """tau = spent / budget, as of the last optimizer step."""
 
+    @property
+    @abstractmethod
+    def spent_seconds(self) -> float:
+        """RST spent so far (the whole run's, every rank's work), as of the last optimizer step."""
+
     def sync(self, trainer: Any, pl_module: Any) -> None:  # noqa: B027 (optional hook)
         """Bring the clock up to date before a schedule reads it (a collective: every rank calls it)."""
 

@@ -8,7 +8,9 @@ over the work it actually did, of what that work costs on a *reference machine*:
 with ``n_*(k)`` the micro-batches run with ``k`` active layers (counted by the work ledger,
 ``core/ledger.py``) and ``t_*`` the seconds per micro-batch in a cost table measured once on the
 reference machine (``train.py calibrate``) or taken from the paper (``configs/rst/``). The table
-format is documented in the README ("Table format") and in docs/design.md.
+format is documented in the README ("Table format") and in docs/design.md. A saved table carries a
+SHA-256 seal of its content (``core/sealing.py``): an edited table is refused when it is loaded;
+``python -m core.cost_table seal FILE`` re-seals one edited on purpose.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.ledger import WorkLedger
+from core.sealing import seal, verify_seal
 
 __all__ = ["TABLE_FORMAT", "CostTable"]
 
@@ -64,6 +67,10 @@ class CostTable:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise UserError(f"RST cost table {str(path)!r} is not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"RST cost table {str(path)!r} is not a JSON object: measure one with `train.py calibrate`")
+        verify_seal(data, f"RST cost table {str(path)!r}", f"measure it again with `train.py calibrate`, or, if the "
+                    f"change is deliberate, seal it with `python -m core.cost_table seal {path}`")
         return cls.from_dict(data, path=str(path))
 
     @classmethod
@@ -109,7 +116,7 @@ class CostTable:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
+            json.dump(seal(self.to_dict()), handle, indent=2)
             handle.write("\n")
         os.replace(handle.name, path)
 
@@ -200,3 +207,22 @@ class CostTable:
                 f"{self._where()} has fwd_bwd_seconds for 1..{self.max_layers} layers, but the model has "
                 f"{num_layers}: calibrate a table for this model"
             )
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m core.cost_table seal FILE...``: check each table's format and write its seal."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m core.cost_table", description=_main.__doc__)
+    parser.add_argument("command", choices=["seal"])
+    parser.add_argument("files", nargs="+")
+    known = parser.parse_args(argv)
+    for name in known.files:
+        data = json.loads(Path(name).read_text())
+        table = CostTable.from_dict(data, path=name)  # refuses what is not a table
+        table.save(name)
+        print(f"sealed {name}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -4,8 +4,13 @@
 instead of a traceback. Raise it with a message that names the problem and the fix.
 """
 
-__all__ = ["UserError"]
+__all__ = ["TrainingStopped", "UserError"]
 
 
 class UserError(ValueError):
     """A configuration or input problem the user can fix; the message says how."""
+
+
+class TrainingStopped(UserError):
+    """A run stopped on purpose while training (e.g. non-finite numbers): one line too, but what the run
+    wrote so far (logs, checkpoints) stays for the user to inspect."""

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from core.contracts import BatchSelector
@@ -294,9 +296,14 @@ class PretrainingDataModule(L.LightningDataModule):
         return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     def val_dataloader(self) -> DataLoader:
+        # several processes: each its own examples, none repeated (DistributedSampler would pad with
+        # repeats, and the validation loss would then depend on the number of processes)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = UnrepeatedDistributedSampler(self.val_dataset, shuffle=False) if distributed else None
         return DataLoader(
             self.val_dataset,
             batch_size=self.eval_batch_size,
+            sampler=sampler,
             shuffle=False,
             collate_fn=self.make_collator(fixed=True),
             num_workers=self.num_workers,

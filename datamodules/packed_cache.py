@@ -24,7 +24,9 @@ The recipe (paper section 3; docs/paper.md, "Data"):
 
 The result lives in ``<cache_dir>/packed/<key>/`` (``data/``, ``tokenizer/``, ``meta.json``), where the
 key hashes everything that changes it. It is written into a temporary directory and renamed into
-place, so a failed build leaves nothing behind and a reader never sees half a cache.
+place, so a failed build leaves nothing behind and a reader never sees half a cache. Runs that start
+together on one cache build it once: the builder holds a lock file, the
+others wait for it and then read what it wrote. (The lock files stay in ``<cache_dir>/locks``.)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.errors import UserError
@@ -184,18 +187,31 @@ class PackedCache:
                 check(meta)
             return meta
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        locks = self.cache_dir / "locks"  # lock files stay (removing one races with its waiters): kept apart
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(locks / f"packed-{path.name}.lock"))
         try:
-            meta = self._build_into(staging, num_proc)
-            if check is not None:
-                check(meta)
+            lock.acquire(timeout=0)
+        except Timeout:
+            rank_zero_info(f"Waiting for another process that is building {path} ...")
+            lock.acquire()
+        try:
+            if self.exists():  # built by the process we waited for
+                return self.build(num_proc, check)
+            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
             try:
-                os.rename(staging, path)
-            except OSError:  # another process finished the same cache first
-                if not self.exists():
-                    raise
+                meta = self._build_into(staging, num_proc)
+                if check is not None:
+                    check(meta)
+                try:
+                    os.rename(staging, path)
+                except OSError:  # another process (without the lock: an older version) finished it first
+                    if not self.exists():
+                        raise
+            finally:
+                remove_tree(staging)
         finally:
-            remove_tree(staging)
+            lock.release()
         rank_zero_info(f"Packed dataset cached at {path}.")
         return meta
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
 
 from core.batch import INPUT_IDS
 from core.contracts import BudgetClock, DepthSchedule
@@ -118,6 +119,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         self.compile_blocks = compile_blocks
         self.retain_host_memory = retain_host_memory
         self._blocks_compiled = False
+        # token-weighted validation loss summed over every rank's examples: the same number on 1 or N processes
+        self.val_loss_mean = MeanMetric(sync_on_compute=True)
         self._precision = "32-true"  # the trainer precision the optimizer is built for (prepare_for_steps)
         try:
             self.lr_schedule = LRSchedule(
@@ -359,7 +362,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=max(int(targets), 1))
+        self.val_loss_mean.update(loss.detach(), weight=torch.as_tensor(targets, dtype=torch.float32, device=loss.device))
+        self.log("val/loss", self.val_loss_mean, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
     # ----- optimizers with train and eval modes (schedule-free) ----------------------------------

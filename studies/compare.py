@@ -134,7 +134,14 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--study {path}: no such file")
-    raw = yaml.safe_load(file.read_text()) or {}
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{file}: not valid YAML{where}: fix the file (configs/studies/smoke.yaml is an example)") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: a study is a YAML mapping (name, base, budgets, methods, ...); see configs/studies/smoke.yaml")
     known = {"name", "base", "budgets", "table", "seeds", "methods", "evaluate", "overrides"}
     unknown = set(raw) - known
     if unknown:

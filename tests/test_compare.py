@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import train
+from core.sealing import seal
 from core.significance import student_t_quantile, welch_t_test
 from helpers import ROOT
 
@@ -28,7 +29,7 @@ def _study(tmp_path: Path, corpus: Path, methods: list[dict], **extra) -> Path:
     overlay = json.loads(json.dumps(TINY_OVERLAY))
     overlay["data"]["init_args"]["corpus"] = {"source": "files", "data_files": str(corpus)}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(overlay))
-    (tmp_path / "table.json").write_text(json.dumps(TINY_TABLE))
+    (tmp_path / "table.json").write_text(json.dumps(seal(TINY_TABLE)))
     study = {"name": "tiny", "base": [str(ROOT / "configs/bert/demo.yaml"), "tiny.yaml"], "table": "table.json",
              "budgets": ["8s"], "seeds": [0, 1], "methods": methods, **extra}
     path = tmp_path / "study.yaml"

@@ -21,6 +21,7 @@ from callbacks.layer_dropping import (
 from callbacks.stacking import LayerStacking, copy_layer, depth_at
 from core.cost_table import CostTable
 from core.errors import UserError
+from core.sealing import seal
 from datamodules import MLMDataModule
 from helpers import ROOT, files_corpus, tiny_bert_args, tiny_fit_args, tiny_mlm_data_args
 from lightning_modules.bert_mlm import BertMLM
@@ -200,7 +201,7 @@ def test_bf16_mixed_precision_with_both_methods(corpus_file, tmp_path):
 def _budget_overlay(tmp_path, method: dict) -> str:
     table = {"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 16,
              "fwd_bwd_seconds": [0.5, 0.75, 1.0, 1.25], "optimizer_step_seconds": {"AdamW": 0.1}}
-    (tmp_path / "table.json").write_text(json.dumps(table))
+    (tmp_path / "table.json").write_text(json.dumps(seal(table)))
     overlay = {"trainer": {"max_steps": -1, "callbacks": [
         {"class_path": "callbacks.rst.RSTBudget", "init_args": {"budget": "30s", "table": str(tmp_path / "table.json")}},
         method,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import train
 from core.batch import IGNORE_INDEX, INPUT_IDS, LABELS
 from core.cost_table import CostTable
+from core.sealing import seal
 from datamodules import MLMDataModule
 from helpers import ROOT, tiny_bert_args, tiny_mlm_data_args
 from lightning_modules.bert_mlm import BertMLM
@@ -302,9 +303,9 @@ def test_plan_predicts_a_sophia_run_with_its_hessian_passes(corpus_file, tmp_pat
     from helpers import tiny_fit_args
 
     table = tmp_path / "table.json"
-    table.write_text(json.dumps({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 16,
-                                 "fwd_bwd_seconds": [0.5, 1.0], "fwd_seconds": None,
-                                 "optimizer_step_seconds": {"SophiaG": 0.25}}))
+    table.write_text(json.dumps(seal({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 16,
+                                      "fwd_bwd_seconds": [0.5, 1.0], "fwd_seconds": None,
+                                      "optimizer_step_seconds": {"SophiaG": 0.25}})))
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({
         "model": {"init_args": {"optimizer": {"class_path": "lightning_modules.optimizers.SophiaG",

@@ -19,6 +19,7 @@ from core.batch import EXAMPLE_ID, INPUT_IDS, PASS_INDEX
 from core.cost_table import CostTable
 from core.errors import UserError
 from core.ledger import WorkLedger
+from core.sealing import file_sha256, seal
 from core.selection import (
     LossHistory,
     expected_keep_rate,
@@ -246,7 +247,8 @@ def _fingerprint():
 
 def _write_losses(path, fingerprint, losses=None):
     np.save(path, np.arange(5, dtype=np.float32) if losses is None else losses)
-    sidecar_path(path).write_text(json.dumps({"format": "irreducible-losses/1", "examples": fingerprint, "passes": 1}))
+    sidecar = {"format": "irreducible-losses/1", "examples": fingerprint, "passes": 1, "losses_sha256": file_sha256(path)}
+    sidecar_path(path).write_text(json.dumps(seal(sidecar)))
 
 
 @pytest.mark.parametrize(
@@ -316,9 +318,9 @@ def _fit(tmp_path, corpus, selector, *, max_steps=12, accumulate=1, ckpt_path=No
 
 def test_charged_rst_equals_the_hand_sum_of_scored_and_trained_examples(corpus_file, tmp_path):
     table = tmp_path / "table.json"
-    table.write_text(json.dumps({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 8,
-                                 "fwd_bwd_seconds": [1.0, 1.0], "fwd_seconds": [0.25, 0.25],
-                                 "optimizer_step_seconds": {"AdamW": 0.5}}))
+    table.write_text(json.dumps(seal({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 8,
+                                      "fwd_bwd_seconds": [1.0, 1.0], "fwd_seconds": [0.25, 0.25],
+                                      "optimizer_step_seconds": {"AdamW": 0.5}})))
     sb = SelectiveBackprop(beta=1.0, history=64)
     budget = RSTBudget(budget="20s", table=str(table))
     trainer, model, probe = _fit(tmp_path, corpus_file, sb, budget=budget, accumulate=2)

@@ -1,0 +1,108 @@
+"""Checkpoint files on disk: integrity, finding the one to resume, and claiming a run's log version.
+
+Lightning-free (plain files), so ``train.py`` can settle what to resume, and refuse a damaged file,
+before anything expensive is built.
+
+- ``check_checkpoint``: a Lightning checkpoint is a zip archive (``torch.save``'s format); a file cut
+  short by a kill, a full disk or a bad copy has no readable central directory or fails a member's CRC.
+  The check reads the whole file once (seconds for gigabytes) and loads nothing: no code runs.
+- ``run_checkpoints``: every ``*.ckpt`` of a configuration's runs, ``<save_dir>/<name>/version_*/checkpoints``,
+  newest first (modification time: the file written last is the furthest the run got).
+- ``resume_target``: what ``--ckpt_path last`` (the newest, which must be intact) and
+  ``--ckpt_path last-good`` (the newest intact one, skipping damaged ones and saying so) resolve to;
+  nothing when the configuration has no checkpoint yet (a new run starts, as with Lightning's ``last``).
+- ``claim_version``: a fresh ``version_N`` directory made with ``os.mkdir``, which fails if another run
+  made it first, so two runs started together never share a log directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+
+__all__ = ["ResumeTarget", "check_checkpoint", "claim_version", "resume_target", "run_checkpoints"]
+
+RESUME_KEYWORDS = ("last", "last-good")
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise ``UserError`` naming ``path`` unless it is a complete, uncorrupted checkpoint archive."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path}: no such checkpoint file")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(
+            f"--ckpt_path {path}: the checkpoint is truncated or corrupt ({problem}); resume from the newest intact "
+            "checkpoint of this configuration's runs with --ckpt_path last-good, or delete the file"
+        )
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the archive at ``path``, or ``None`` when every member reads back with its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as error:
+        return str(error).rstrip(".").lower()
+    except (OSError, EOFError, ValueError, RuntimeError) as error:  # zlib/zipfile surface damage in several ways
+        return f"{type(error).__name__}: {error}"
+    if bad is not None:
+        return f"member {bad} fails its CRC check"
+    return None
+
+
+def run_checkpoints(root: str | Path) -> list[Path]:
+    """Every ``*.ckpt`` under ``root/version_*/checkpoints``, newest first."""
+    found = [p for p in Path(root).glob("version_*/checkpoints/*.ckpt") if p.is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    checkpoint: Path
+    version: str  # the version directory's name, e.g. "version_3": the resumed run logs there again
+    skipped: tuple[tuple[Path, str], ...] = ()  # damaged newer checkpoints passed over (last-good only)
+
+
+def resume_target(root: str | Path, keyword: str) -> ResumeTarget | None:
+    """The checkpoint ``--ckpt_path last`` or ``--ckpt_path last-good`` means for the runs under ``root``;
+    ``None`` when there is none yet (the first start of a job that is requeued with the same command)."""
+    if keyword not in RESUME_KEYWORDS:
+        raise ValueError(keyword)
+    candidates = run_checkpoints(root)
+    if not candidates:
+        return None
+    skipped = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return ResumeTarget(candidate, candidate.parent.parent.name, tuple(skipped))
+        if keyword == "last":
+            raise UserError(
+                f"--ckpt_path last: the newest checkpoint {candidate} is truncated or corrupt ({problem}); resume "
+                "from the newest intact one with --ckpt_path last-good, or delete the file"
+            )
+        skipped.append((candidate, problem))
+    raise UserError(f"--ckpt_path last-good: every checkpoint under {root} is truncated or corrupt "
+                    f"({len(candidates)} checked): start a new run without --ckpt_path")
+
+
+def claim_version(root: str | Path) -> str:
+    """Create and return the name of the next free ``version_N`` directory under ``root`` (atomic)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name))]
+    number = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(root / f"version_{number}")
+            return f"version_{number}"
+        except FileExistsError:
+            number += 1

@@ -1,0 +1,493 @@
+"""Reliability: kill and resume, SIGTERM, damaged checkpoints, non-finite numbers, concurrent runs, long budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from core.cost_table import CostTable
+from helpers import ROOT, tiny_fit_args
+
+# 2 micro-batches of 16 x 32 tokens per optimizer step at 1.0 s each + 0.25 s for AdamW: 2.25 RST-s a step;
+# a 30 s budget ends at step 14 (31.5 s); a save every 7 RST-s lands at steps 4, 7, 10 and 13.
+TABLE = dict(format="rst-table/1", seq_len=32, micro_batch_size=16, fwd_bwd_seconds=[0.5, 1.0], fwd_seconds=[0.2, 0.4],
+             optimizer_step_seconds={"AdamW": 0.25})
+
+
+def _overlay(directory: Path, *probes: dict, budget: str = "30s", every: str | int = "7s") -> Path:
+    """A config overlay: the RST budget on TABLE, LR monitor, RunCheckpoint, the probes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    CostTable.from_dict(TABLE).save(directory / "table.json")
+    config = {"trainer": {"max_steps": -1, "accumulate_grad_batches": 2, "val_check_interval": 6, "callbacks": [
+        {"class_path": "callbacks.rst.RSTBudget", "init_args": {"budget": budget, "table": str(directory / "table.json")}},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+        {"class_path": "callbacks.checkpointing.RunCheckpoint", "init_args": {"every": every}},
+        *probes,
+    ]}}
+    path = directory / "overlay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _probe(name: str, **init_args) -> dict:
+    return {"class_path": f"ddp_probe.{name}", "init_args": init_args}
+
+
+def _args(corpus, out: Path, overlay: Path, *extra: str) -> list[str]:
+    return [*tiny_fit_args(corpus, out, "--config", str(overlay)), "--trainer.max_steps", "-1", *extra]
+
+
+def _steps(directory: Path, rank: int = 0) -> dict[int, dict]:
+    """The RecordSteps lines by step; a resumed run's line replaces the killed run's."""
+    lines = (directory / f"rank{rank}.jsonl").read_text().splitlines()
+    return {record["step"]: record for record in map(json.loads, lines)}
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+                          timeout=timeout)
+
+
+def _final_line(text: str) -> str:
+    line = next(line for line in text.splitlines() if line.startswith("done:"))
+    return line.split("; TensorBoard")[0]
+
+
+def _assert_same_from(step: int, resumed: dict[int, dict], full: dict[int, dict]) -> None:
+    assert sorted(s for s in resumed if s > step) == sorted(s for s in full if s > step)
+    for s in sorted(full):
+        if s <= step:
+            continue
+        again, before = resumed[s], full[s]
+        assert again["ids"] == before["ids"] and again["layers"] == before["layers"], s
+        assert again["rst"] == before["rst"] and again["lr"] == pytest.approx(before["lr"], rel=1e-9, abs=1e-15), s
+        assert again["loss"] == pytest.approx(before["loss"], rel=1e-5), s
+
+
+STACKING = {"class_path": "callbacks.stacking.LayerStacking", "init_args": {"initial_layers": 1, "fractions": [0.5]}}
+DROPPING = {"class_path": "callbacks.layer_dropping.LayerDropping", "init_args": {"gamma_f": 100.0, "theta_bar": 0.5}}
+SELECTIVE_BACKPROP = {"class_path": "callbacks.batch_selection.SelectiveBackprop", "init_args": {"beta": 1.0, "history": 64}}
+RHO_LOSS = {"class_path": "callbacks.batch_selection.RhoLoss", "init_args": {"ratio": 0.5}}
+# every method in a killed run: a depth schedule and a batch selector can share one (a run has at most one of each)
+METHODS = {
+    "baseline": [],
+    "stacking+selective-backprop": [STACKING, SELECTIVE_BACKPROP],
+    "dropping+rho-loss": [DROPPING, RHO_LOSS],
+}
+
+
+@pytest.fixture(scope="module")
+def irreducible_losses(corpus_file, tmp_path_factory):
+    """RHO-loss's irreducible losses: a tiny model trained on the holdout split, scored by ``train.py score``."""
+    out = tmp_path_factory.mktemp("irreducible")
+    args = tiny_fit_args(corpus_file, out, "--data.train_split", "holdout", "--data.holdout_fraction", "0.2",
+                         "--trainer.max_steps", "6", "--trainer.logger.init_args.name", "irreducible")
+    train.main(args)
+    losses = out / "il.npy"
+    train.main(["score", *args[1:], "--ckpt_path", "last", "--output", str(losses)])
+    return losses
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(method, corpus_file, tmp_path, capsys,
+                                                                              request):
+    callbacks = [json.loads(json.dumps(c)) for c in METHODS[method]]
+    extra: list[str] = []
+    budget = "30s"
+    if "rho-loss" in method:  # scoring twice the candidates makes its steps dearer: a larger budget
+        budget = "45s"
+        callbacks[-1]["init_args"]["irreducible_losses"] = str(request.getfixturevalue("irreducible_losses"))
+        extra = ["--data.holdout_fraction", "0.2"]
+        capsys.readouterr()  # the fixture's own runs
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full = _overlay(full_dir, *callbacks, _probe("RecordSteps", directory=str(full_dir / "steps")), budget=budget)
+    train.main(_args(corpus_file, full_dir, full, *extra))
+    uninterrupted = _final_line(capsys.readouterr().out)
+    assert int(uninterrupted.split()[1]) >= 7  # "done: N steps, ..."
+
+    # a real SIGKILL of a real process, on the second micro-batch of step 6: after a save, inside a step
+    kill = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")),
+                    _probe("SignalAt", step=6, micro_batch=1, signal="SIGKILL"), budget=budget)
+    killed = _run(_args(corpus_file, killed_dir, kill, *extra))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert max(_steps(killed_dir / "steps")) == 5
+    saved = torch.load(killed_dir / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 1 <= saved["global_step"] <= 5
+    resume = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")), budget=budget)
+    train.main(_args(corpus_file, killed_dir, resume, *extra, "--ckpt_path", "last"))
+    captured = capsys.readouterr()
+    assert _final_line(captured.out) == uninterrupted
+    assert "resuming from " in captured.err and f"{os.sep}version_0{os.sep}checkpoints{os.sep}last.ckpt" in captured.err
+    _assert_same_from(saved["global_step"], _steps(killed_dir / "steps"), _steps(full_dir / "steps"))
+    assert sorted(p.name for p in (killed_dir / "bert-demo").iterdir()) == ["version_0"]  # the resumed run logs where the killed one did
+
+
+def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus_file, tmp_path, capsys):
+    full_dir, stopped_dir = tmp_path / "full", tmp_path / "stopped"
+    full = _overlay(full_dir, _probe("RecordSteps", directory=str(full_dir / "steps")))
+    train.main(_args(corpus_file, full_dir, full))
+    uninterrupted = _final_line(capsys.readouterr().out)
+    term = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")),
+                    _probe("SignalAt", step=6, micro_batch=0, signal="SIGTERM"))
+    stopped = _run(_args(corpus_file, stopped_dir, term))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "SIGTERM: saved " in stopped.stderr and "at optimizer step 6; continue with --ckpt_path last" in stopped.stderr
+    assert "pre-empted: stopped by SIGTERM at optimizer step 6" in stopped.stdout and "done:" not in stopped.stdout
+    last = stopped_dir / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # the step in progress finished, then saved
+    resume = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")))
+    train.main(_args(corpus_file, stopped_dir, resume, "--ckpt_path", "last"))
+    assert _final_line(capsys.readouterr().out) == uninterrupted
+    _assert_same_from(6, _steps(stopped_dir / "steps"), _steps(full_dir / "steps"))
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def _fake_checkpoint(path: Path, step: int, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "state_dict": {"w": torch.ones(64)}}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_last_is_the_newest_checkpoint_of_any_version_and_a_damaged_one_is_named(tmp_path):
+    from core.checkpoints import check_checkpoint, claim_version, resume_target
+    from core.errors import UserError
+
+    older = _fake_checkpoint(tmp_path / "version_1" / "checkpoints" / "last.ckpt", 10, 1_000)
+    newer = _fake_checkpoint(tmp_path / "version_0" / "checkpoints" / "last.ckpt", 20, 2_000)
+    target = resume_target(tmp_path, "last")
+    assert (target.checkpoint, target.version, target.skipped) == (newer, "version_0", ())
+    newer.write_bytes(newer.read_bytes()[:-100])  # cut short, as a kill during a non-atomic copy leaves it
+    os.utime(newer, (2_000, 2_000))
+    with pytest.raises(UserError, match=r"--ckpt_path last: the newest checkpoint .*version_0/checkpoints/last.ckpt is "
+                                        r"truncated or corrupt \(.*\); resume from the newest intact one with "
+                                        r"--ckpt_path last-good, or delete the file"):
+        resume_target(tmp_path, "last")
+    fallback = resume_target(tmp_path, "last-good")
+    assert (fallback.checkpoint, fallback.version) == (older, "version_1") and fallback.skipped[0][0] == newer
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        check_checkpoint(newer)
+    flipped = bytearray(older.read_bytes())  # one flipped byte inside the tensor data: a CRC mismatch
+    flipped[len(flipped) // 2] ^= 0xFF
+    older.write_bytes(bytes(flipped))
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        check_checkpoint(older)
+    assert resume_target(tmp_path / "nothing", "last") is None  # a first start: nothing to resume
+    assert [claim_version(tmp_path) for _ in range(2)] == ["version_2", "version_3"]
+
+
+def test_a_damaged_checkpoint_stops_fit_before_any_work(corpus_file, tmp_path, capsys):
+    out = tmp_path / "runs"
+    train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3"))
+    last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", "last"))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --ckpt_path last: the newest checkpoint {last} is truncated or corrupt")
+    assert sorted(p.name for p in (out / "bert-demo").iterdir()) == ["version_0"]  # no new run folder
+    with pytest.raises(SystemExit):
+        train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", str(last)))
+    assert "the checkpoint is truncated or corrupt" in capsys.readouterr().err
+
+
+class _FailingSaves:
+    """``torch.save`` that writes some bytes into its target, then fails (a full disk, a kill mid-write)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __call__(self, obj, target, *args, **kwargs):
+        if hasattr(target, "write"):
+            target.write(b"PK\x03\x04 half a checkpoint")
+        else:
+            Path(target).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(corpus_file, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import Callback
+
+    from core.checkpoints import check_checkpoint
+
+    class BreakSavesAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 11:
+                monkeypatch.setattr(torch, "save", _FailingSaves(torch.save))
+
+    out = tmp_path / "runs"
+    overlay = tmp_path / "break.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks+": [{"class_path": f"{__name__}.BreakSaves"}]}}))
+    globals()["BreakSaves"] = BreakSavesAt
+    with pytest.raises(OSError, match="No space left"):
+        train.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "14"))
+    monkeypatch.undo()
+    last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    check_checkpoint(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 10  # RunCheckpoint saves every 10 steps here
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+
+def _with_probes(tmp_path: Path, *probes: dict) -> Path:
+    overlay = tmp_path / "probes.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks+": list(probes)}}))
+    return overlay
+
+
+@pytest.mark.parametrize("where", ["gradient", "loss"])
+def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(where, corpus_file,
+                                                                                           tmp_path, capsys):
+    out = tmp_path / "runs"
+    overlay = _with_probes(tmp_path, _probe("PoisonAt", step=13, where=where))
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "20"))
+    assert stopped.value.code == 2
+    last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    value = "loss nan" if where == "loss" else "gradient norm inf"
+    assert message.startswith("error: non-finite numbers at optimizer step 13: ") and value in message
+    assert f"the last good checkpoint is {last}" in message and "action=skip" in message
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 10 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
+
+
+def test_skip_drops_the_step_counts_it_and_continues(corpus_file, tmp_path, capsys):
+    from helpers import scalars
+
+    out = tmp_path / "runs"
+    overlay = _with_probes(tmp_path, _probe("PoisonAt", step=3, where="loss"), _probe("PoisonAt", step=7),
+                           {"class_path": "callbacks.numerics.NonFiniteCheck", "init_args": {"action": "skip"}})
+    train.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "12",
+                             "--trainer.log_every_n_steps", "1"))
+    assert "done: 12 steps" in capsys.readouterr().out
+    state = torch.load(out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    skipped = dict(scalars(out / "bert-demo" / "version_0")["numerics/skipped_steps"])
+    assert (skipped[1], skipped[2], skipped[5], skipped[6], skipped[11]) == (0, 1, 1, 2, 2)
+    # AdamW took 10 steps, not 12: the skipped steps left its state alone
+    steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
+    assert steps == {10}
+    counts = next(v for k, v in state["callbacks"].items() if k.startswith("NonFiniteCheck"))
+    assert counts == {"skipped_steps": 2}
+
+
+# --------------------------------------------------------------------------- runs side by side
+
+
+def test_two_runs_started_together_build_the_cache_once_and_log_to_separate_versions(tmp_path):
+    from helpers import make_corpus
+
+    corpus = make_corpus(tmp_path / "fresh.txt", documents=300, seed=7)  # a corpus no other test has cached
+    cache, out = tmp_path / "cache", tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "NTNG_CACHE_DIR": str(cache)}
+    probe = _with_probes(tmp_path, _probe("RecordSteps", directory=str(tmp_path / "steps-{}")))
+    runs = []
+    for index in range(2):
+        overlay = tmp_path / f"probe{index}.yaml"
+        overlay.write_text(probe.read_text().replace("steps-{}", f"steps-{index}"))
+        args = tiny_fit_args(corpus, out, "--config", str(overlay), "--trainer.max_steps", "2")
+        runs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    errors = "".join(err for *_, err in results)
+    assert errors.count("Training a tokenizer") == 1 and errors.count("Packed dataset cached at") == 1
+    assert errors.count("Reusing packed dataset cache") >= 1
+    first, second = (_steps(tmp_path / f"steps-{index}") for index in range(2))
+    assert [r["ids"] for r in first.values()] == [r["ids"] for r in second.values()]
+    assert [r["loss"] for r in first.values()] == pytest.approx([r["loss"] for r in second.values()], rel=1e-6)
+    assert sorted(p.name for p in (out / "bert-demo").iterdir()) == ["version_0", "version_1"]
+    logs = {line.split("TensorBoard logs: ")[1].split(" ")[0] for _, out_text, _ in results
+            for line in out_text.splitlines() if line.startswith("done:")}
+    assert len(logs) == 2
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+@pytest.mark.ddp
+def test_two_processes_train_like_one_and_take_every_decision_together(corpus_file, tmp_path, capsys):
+    """Layer stacking under an RST budget, 1 process x 2 micro-batches of 16 per step or 2 processes x 1
+    micro-batch of 16: the same examples in each step (rank-batch j of rank r is global batch j * world + r),
+    the same RST per step, so the same stacking moment, stop step, updates and validation loss; the two
+    ranks agree on every step's layers and RST."""
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one = _overlay(one_dir, STACKING, _probe("RecordParameters", directory=str(one_dir / "params")),
+                   _probe("RecordSteps", directory=str(one_dir / "steps")), budget="20s")
+    train.main(_args(corpus_file, one_dir, one))  # the overlay accumulates 2 micro-batches
+    single_line = _final_line(capsys.readouterr().out)
+    two = _overlay(two_dir, STACKING, _probe("RecordParameters", directory=str(two_dir / "params")),
+                   _probe("RecordSteps", directory=str(two_dir / "steps")), budget="20s")
+    result = _run(_args(corpus_file, two_dir, two, "--trainer.accumulate_grad_batches", "1",
+                        "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
+                        "--trainer.accelerator", "cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _final_line(result.stdout) == single_line  # steps, tokens, final val/loss: the same on 1 or 2 processes
+
+    ranks = [_steps(two_dir / "steps", rank) for rank in (0, 1)]
+    alone = _steps(one_dir / "steps")
+    assert sorted(ranks[0]) == sorted(ranks[1]) == sorted(alone)  # the same steps, the same last one
+    for field in ("layers", "rst"):
+        assert [r[field] for r in ranks[0].values()] == [r[field] for r in ranks[1].values()] == \
+            [r[field] for r in alone.values()], field
+    depths = [len(r["layers"]) for r in alone.values()]
+    assert depths[0] == 1 and depths[-1] == 2  # it stacked, at the same step everywhere
+    for step, record in alone.items():  # the two ranks' examples are the single process's step
+        assert sorted(record["ids"]) == sorted(ranks[0][step]["ids"] + ranks[1][step]["ids"]), step
+
+    single = json.loads((one_dir / "params" / "rank0.json").read_text())
+    replicas = [json.loads((two_dir / "params" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert replicas[0] == replicas[1]  # the replicas agree exactly
+    for name, value in single["parameters"].items():
+        if name.endswith("attention.self.key.bias"):
+            continue  # zero gradient in exact arithmetic (softmax ignores a shift): Adam scales rounding noise
+        assert replicas[0]["parameters"][name] == pytest.approx(value, rel=1e-4, abs=1e-4), name
+
+
+@pytest.mark.ddp
+def test_a_rank_that_raises_ends_every_rank_with_its_error(corpus_file, tmp_path):
+    overlay = tmp_path / "raise.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks+": [_probe("RaiseAt", step=3, rank=1)]}}))
+    result = _run(tiny_fit_args(corpus_file, tmp_path / "runs", "--config", str(overlay), "--trainer.max_steps", "20",
+                                "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"),
+                  timeout=180)
+    assert result.returncode != 0
+    assert "RuntimeError: injected failure on rank 1" in result.stderr
+    assert "done:" not in result.stdout
+
+
+# --------------------------------------------------------------------------- long budgets
+
+
+@pytest.mark.parametrize("table_file, examples_per_step, optimizer, stacking", [
+    ("bert-paper.json", 4096, "AdamW", True),  # BERT, 24 h, stacking 4 -> 8 -> 16 layers: about 17,600 steps
+    ("t5-paper.json", 144, "AdamWScale", False),  # T5, 24 h: about 84,000 steps
+])
+def test_a_paper_scale_budget_sums_without_drift_and_the_lr_ends_at_exactly_zero(table_file, examples_per_step,
+                                                                                  optimizer, stacking):
+    """A paper budget step by step through the ledger and the clock (no model), resumed twice from its saved
+    state as after pre-emptions: the RST agrees with the exact sum of the step prices (fractions) far
+    below one step's price, and every schedule's learning rate ends at exactly zero."""
+    from fractions import Fraction
+
+    from core.budget import BudgetAccount
+    from core.ledger import WorkLedger
+    from lightning_modules.schedules import LRSchedule
+
+    table = CostTable.load(ROOT / "configs/rst" / table_file)
+    budget = 24 * 3600.0
+
+    def layers_at(tau: float) -> int:
+        if not stacking:
+            return table.max_layers
+        return 4 if tau < 0.125 else 8 if tau < 0.3 else table.max_layers
+
+    account, ledger = BudgetAccount(budget, "table", table), WorkLedger()
+    exact, step, cheapest = Fraction(0), 0, math.inf
+    micro = Fraction(examples_per_step, table.micro_batch_size)
+    while not account.exhausted():
+        layers = layers_at(account.progress())
+        ledger.charge_fwd_bwd(layers=layers, examples=examples_per_step)
+        ledger.charge_optimizer_step(optimizer)
+        price = Fraction(table.fwd_bwd(layers)) * micro + Fraction(table.optimizer_step(optimizer))
+        exact += price
+        cheapest = min(cheapest, float(price))
+        account.record(account.price(ledger) - account.offset)
+        step += 1
+        if step in (10_000, 15_000):  # pre-empted: a new account resumes from the saved state
+            saved = account.state_dict()
+            account = BudgetAccount(budget, "table", table)
+            account.resume(saved, step=step, work_before=ledger)
+            account.start()
+            ledger = WorkLedger(ledger.state_dict())
+    assert step > 15_000, step
+    assert abs(account.spent - float(exact)) < cheapest * 1e-6  # far below one step's price
+    assert account.progress() == 1.0 and account.remaining() == 0.0
+    schedules = [LRSchedule(name) for name in ("triangle", "linear", "cosine", "wsd")]
+    assert [schedule(account.progress()) for schedule in schedules] == [0.0, 0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def test_an_edited_cost_table_is_refused_and_a_resealed_one_is_used(tmp_path):
+    from core.errors import UserError
+
+    path = tmp_path / "table.json"
+    CostTable.from_dict(TABLE).save(path)
+    assert CostTable.load(path).fwd_bwd(2) == 1.0
+    data = json.loads(path.read_text())
+    data["fwd_bwd_seconds"] = [0.5, 0.1]  # a cheaper step, typed in by hand
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"was changed after it was written \(its sha256 seal does not match its "
+                                        r"content\): measure it again with `train.py calibrate`, or"):
+        CostTable.load(path)
+    del data["sha256"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="has no sha256 seal"):
+        CostTable.load(path)
+    result = subprocess.run([sys.executable, "-m", "core.cost_table", "seal", str(path)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and CostTable.load(path).fwd_bwd(2) == 0.1
+    for shipped in sorted((ROOT / "configs/rst").glob("*.json")):
+        CostTable.load(shipped)  # every shipped table carries its seal
+
+
+def test_an_edited_sidecar_or_a_replaced_loss_file_is_refused(irreducible_losses, tmp_path):
+    import numpy as np
+
+    from callbacks.batch_selection import load_irreducible_losses, sidecar_path
+    from core.errors import UserError
+
+    sidecar = json.loads(sidecar_path(irreducible_losses).read_text())
+    expected = sidecar["examples"]
+    losses, copy = tmp_path / "il.npy", tmp_path / "il.json"
+    losses.write_bytes(irreducible_losses.read_bytes())
+    copy.write_text(json.dumps({**sidecar, "examples": {**expected, "holdout_fraction": 0.2}}))
+    load_irreducible_losses(str(losses), expected)  # untouched: used
+    copy.write_text(json.dumps({**sidecar, "mean_loss": 0.0}))
+    with pytest.raises(UserError, match="sidecar .* was changed after it was written"):
+        load_irreducible_losses(str(losses), expected)
+    copy.write_text(json.dumps(sidecar))
+    np.save(losses, np.zeros_like(np.load(losses)))  # other losses, same shape and dtype
+    with pytest.raises(UserError, match="is not the file its sidecar describes"):
+        load_irreducible_losses(str(losses), expected)
+
+
+def test_checkpoints_load_as_weights_only_and_one_that_needs_more_is_refused_with_the_way_out(corpus_file, tmp_path,
+                                                                                               capsys):
+    from fractions import Fraction
+
+    out = tmp_path / "runs"
+    train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "2"))
+    last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # what this project writes needs no pickled code
+    state["extra"] = Fraction(1, 3)  # an object only full unpickling can rebuild
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(state, foreign)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign)))
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"error: --ckpt_path {foreign} holds objects that loading with weights_only=True refuses")
+    assert "--weights_only false" in message
+    train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign),
+                             "--weights_only", "false"))  # the user's call: the run resumes
+    assert "done: 4 steps" in capsys.readouterr().out
