@@ -23,21 +23,6 @@ class RecordActiveLayers(Callback):
             json.dump(self.records, handle)
 
 
-class RecordStop(Callback):
-    """Writes, per rank, the optimizer step and the RST spent when training ends."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        from callbacks.rst import RSTBudget
-
-        budget = next(c for c in trainer.callbacks if isinstance(c, RSTBudget))
-        os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as handle:
-            json.dump({"global_step": trainer.global_step, "rst_seconds": round(budget.spent_seconds, 9)}, handle)
-
-
 class RecordParameters(Callback):
     """Writes, per rank, the optimizer step and a checksum of every parameter when training ends."""
 

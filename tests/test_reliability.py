@@ -53,10 +53,19 @@ def _steps(directory: Path, rank: int = 0) -> dict[int, dict]:
     return {record["step"]: record for record in map(json.loads, lines)}
 
 
+def _start(args: list[str]) -> subprocess.Popen:
+    """``train.py`` in its own process (started first, so its imports overlap the test's in-process run)."""
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+
+
+def _finish(process: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
-                          timeout=timeout)
+    return _finish(_start(args), timeout)
 
 
 def _final_line(text: str) -> str:
@@ -111,15 +120,16 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
         extra = ["--data.holdout_fraction", "0.2"]
         capsys.readouterr()  # the fixture's own runs
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
-    full = _overlay(full_dir, *callbacks, _probe("RecordSteps", directory=str(full_dir / "steps")), budget=budget)
-    train.main(_args(corpus_file, full_dir, full, *extra))
-    uninterrupted = _final_line(capsys.readouterr().out)
-    assert int(uninterrupted.split()[1]) >= 7  # "done: N steps, ..."
-
     # a real SIGKILL of a real process, on the second micro-batch of step 6: after a save, inside a step
     kill = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")),
                     _probe("SignalAt", step=6, micro_batch=1, signal="SIGKILL"), budget=budget)
-    killed = _run(_args(corpus_file, killed_dir, kill, *extra))
+    process = _start(_args(corpus_file, killed_dir, kill, *extra))
+    full = _overlay(full_dir, *callbacks, _probe("RecordSteps", directory=str(full_dir / "steps")), budget=budget)
+    train.main(_args(corpus_file, full_dir, full, *extra))  # the uninterrupted run, meanwhile
+    uninterrupted = _final_line(capsys.readouterr().out)
+    assert int(uninterrupted.split()[1]) >= 7  # "done: N steps, ..."
+
+    killed = _finish(process)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert max(_steps(killed_dir / "steps")) == 5
     saved = torch.load(killed_dir / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -135,12 +145,13 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
 
 def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus_file, tmp_path, capsys):
     full_dir, stopped_dir = tmp_path / "full", tmp_path / "stopped"
+    term = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")),
+                    _probe("SignalAt", step=6, micro_batch=0, signal="SIGTERM"))
+    process = _start(_args(corpus_file, stopped_dir, term))
     full = _overlay(full_dir, _probe("RecordSteps", directory=str(full_dir / "steps")))
     train.main(_args(corpus_file, full_dir, full))
     uninterrupted = _final_line(capsys.readouterr().out)
-    term = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")),
-                    _probe("SignalAt", step=6, micro_batch=0, signal="SIGTERM"))
-    stopped = _run(_args(corpus_file, stopped_dir, term))
+    stopped = _finish(process)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "SIGTERM: saved " in stopped.stderr and "at optimizer step 6; continue with --ckpt_path last" in stopped.stderr
     assert "pre-empted: stopped by SIGTERM at optimizer step 6" in stopped.stdout and "done:" not in stopped.stdout
@@ -329,15 +340,16 @@ def test_two_processes_train_like_one_and_take_every_decision_together(corpus_fi
     the same RST per step, so the same stacking moment, stop step, updates and validation loss; the two
     ranks agree on every step's layers and RST."""
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    two = _overlay(two_dir, STACKING, _probe("RecordParameters", directory=str(two_dir / "params")),
+                   _probe("RecordSteps", directory=str(two_dir / "steps")), budget="20s")
+    process = _start(_args(corpus_file, two_dir, two, "--trainer.accumulate_grad_batches", "1",
+                           "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
+                           "--trainer.accelerator", "cpu"))
     one = _overlay(one_dir, STACKING, _probe("RecordParameters", directory=str(one_dir / "params")),
                    _probe("RecordSteps", directory=str(one_dir / "steps")), budget="20s")
     train.main(_args(corpus_file, one_dir, one))  # the overlay accumulates 2 micro-batches
     single_line = _final_line(capsys.readouterr().out)
-    two = _overlay(two_dir, STACKING, _probe("RecordParameters", directory=str(two_dir / "params")),
-                   _probe("RecordSteps", directory=str(two_dir / "steps")), budget="20s")
-    result = _run(_args(corpus_file, two_dir, two, "--trainer.accumulate_grad_batches", "1",
-                        "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
-                        "--trainer.accelerator", "cpu"))
+    result = _finish(process)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _final_line(result.stdout) == single_line  # steps, tokens, final val/loss: the same on 1 or 2 processes
 
