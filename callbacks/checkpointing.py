@@ -72,7 +72,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every=self.every)
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode, every=self.every)
 
     # ----- set-up ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
