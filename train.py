@@ -41,8 +41,6 @@ class PretrainingCLI(LightningCLI):
     """LightningCLI with the data -> model links, resuming by keyword, fresh log versions claimed
     atomically, the non-finite check, and the end-of-fit summary."""
 
-    preempted = False  # a SIGTERM stopped the fit (RunCheckpoint saved it): main() exits with status 143
-
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.max_seq_len", apply_on="instantiate")
@@ -78,11 +76,17 @@ class PretrainingCLI(LightningCLI):
             trainer.callbacks.append(NonFiniteCheck())
         return trainer
 
+    @property
+    def preempted(self) -> bool:
+        """A SIGTERM stopped the fit (``RunCheckpoint`` saved it): no final validation, exit status 143."""
+        from callbacks.checkpointing import RunCheckpoint
+
+        return any(isinstance(c, RunCheckpoint) and c.preempted for c in self.trainer.callbacks)
+
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
-        checkpoint = trainer.checkpoint_callback
-        if getattr(checkpoint, "preempted", False):  # RunCheckpoint: no final validation, exit status 143
-            PretrainingCLI.preempted = True
+        if self.preempted:
+            checkpoint = trainer.checkpoint_callback
             if trainer.is_global_zero:
                 print(f"pre-empted: stopped by SIGTERM at optimizer step {trainer.global_step}, saved "
                       f"{checkpoint.last_model_path}; continue with --ckpt_path last", flush=True)
@@ -319,7 +323,8 @@ def calibrate_command(argv: list[str]) -> None:
 def score_command(argv: list[str]) -> None:
     """``train.py score --config CFG [--config OVERLAY] --ckpt_path PATH|last --output FILE.npy [--passes N]``:
     write the irreducible loss of every training example (RHO-loss) and its JSON sidecar."""
-    from callbacks.batch_selection import newest_last_checkpoint, score_training_examples
+    from callbacks.batch_selection import score_training_examples
+    from core.checkpoints import check_checkpoint, resume_target
 
     parser = argparse.ArgumentParser(prog="train.py score", description=score_command.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="the irreducible-loss model's checkpoint, or 'last' "
@@ -332,9 +337,15 @@ def score_command(argv: list[str]) -> None:
     if not known.output.endswith(".npy"):
         raise UserError(f"--output {known.output}: name the file .npy (numpy, no pickle)")
     trainer, model, datamodule = _configured(rest)
-    checkpoint = newest_last_checkpoint(trainer.logger) if known.ckpt_path == "last" else known.ckpt_path
-    if not os.path.exists(checkpoint):
-        raise UserError(f"--ckpt_path {checkpoint}: no such checkpoint")
+    checkpoint = known.ckpt_path
+    if checkpoint == "last":  # the newest intact checkpoint of this config's runs, as `fit --ckpt_path last`
+        root = os.path.join(trainer.logger.save_dir, trainer.logger.name)
+        target = resume_target(root, "last")
+        if target is None:
+            raise UserError(f"--ckpt_path last: no checkpoint under {root}/version_*/checkpoints: train that model first")
+        checkpoint = str(target.checkpoint)
+    else:
+        check_checkpoint(checkpoint)
     sidecar = score_training_examples(trainer, model, datamodule, checkpoint, known.output, known.passes, known.batch_size)
     costs = sidecar["costs"]
     priced = f"{costs['scoring_rst_seconds']:.1f} RST-seconds" if costs["scoring_rst_seconds"] is not None else "unpriced"
@@ -433,10 +444,9 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in PROJECT_COMMANDS:
             PROJECT_COMMANDS[argv[0]](argv[1:])
         else:
-            PretrainingCLI.preempted = False
-            PretrainingCLI(save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=argv)
+            cli = PretrainingCLI(save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=argv)
             _close_process_group()
-            if PretrainingCLI.preempted:
+            if cli.preempted:
                 from callbacks.checkpointing import SIGTERM_EXIT_STATUS
 
                 raise SystemExit(SIGTERM_EXIT_STATUS)

@@ -527,15 +527,6 @@ def load_irreducible_model(path: str, pl_module) -> Any:
 
 
 # ----- the irreducible-loss file (`train.py score`) ---------------------------------------------------
-def newest_last_checkpoint(logger) -> Path:
-    """The newest ``last.ckpt`` of a TensorBoard logger's runs (``<save_dir>/<name>/version_*/checkpoints``)."""
-    root = Path(logger.save_dir) / logger.name
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints: train that model first")
-    return found[-1]
-
-
 def score_training_examples(trainer, model, datamodule, checkpoint: str | Path, output: str | Path,
                             passes: int = 1, batch_size: int | None = None) -> dict[str, Any]:
     """Write the irreducible loss of every training example (``output``, float32) and its JSON sidecar.

@@ -5,7 +5,7 @@ scores; a hand edit or a swapped file would silently change a run's budget or it
 file carries ``"sha256"``: the hash of its other fields as canonical JSON (sorted keys, no spaces).
 Reading a file whose seal is missing or does not match fails with a message saying how to remake it.
 The seal catches edits and damage, not a forger who recomputes it: it is an integrity check, not a
-signature.
+signature. ``file_sha256`` is the project's one streamed file hash (corpus wheels, tokenizers, loss files).
 """
 
 from __future__ import annotations

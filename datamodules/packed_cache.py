@@ -46,6 +46,7 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info
 
 from core.errors import UserError
+from core.sealing import file_sha256
 from datamodules.corpora import Corpus, remove_tree
 from datamodules.packing import entropy_nats, pack_documents, token_counts, tokenize_batch
 
@@ -129,10 +130,6 @@ def input_ids_digest(split) -> str:
     return digest.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class PackedCache:
     """One packed dataset on disk.
 
@@ -156,7 +153,7 @@ class PackedCache:
             **{k: v for k, v in asdict(spec).items() if k not in ("corpus", "tokenizer_path")},
             "pack_block_documents": PACK_BLOCK_DOCUMENTS,
             "tokenizer": self.objective.tokenizer_settings(),
-            "tokenizer_file": _file_digest(Path(spec.tokenizer_path) / "tokenizer.json") if spec.tokenizer_path else None,
+            "tokenizer_file": file_sha256(Path(spec.tokenizer_path) / "tokenizer.json") if spec.tokenizer_path else None,
         }
         blob = json.dumps(settings, sort_keys=True, default=str).encode()
         return f"{self.objective.objective}-{spec.corpus.source}-{hashlib.sha256(blob).hexdigest()[:16]}"
@@ -308,7 +305,7 @@ class PackedCache:
         )
         datasets.DatasetDict(packed).save_to_disk(str(staging / "data"))
         tokenizer.save_pretrained(str(staging / "tokenizer"))
-        meta["tokenizer_sha256"] = _file_digest(staging / "tokenizer" / "tokenizer.json")
+        meta["tokenizer_sha256"] = file_sha256(staging / "tokenizer" / "tokenizer.json")
         (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         rank_zero_info(
             f"Packed {meta['train']['sequences']} training and {meta['validation']['sequences']} validation "

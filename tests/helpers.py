@@ -86,3 +86,14 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def run_until_exit(args: list[str], capsys) -> tuple[int, list[str]]:
+    """``train.main(args)``, which must end the program: its exit status and its stderr lines."""
+    import pytest
+
+    import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args)
+    return stopped.value.code, capsys.readouterr().err.strip().splitlines()

@@ -6,15 +6,7 @@ import sys
 
 import pytest
 
-import train
-from helpers import ROOT, tiny_fit_args
-
-
-def _run(args, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        train.main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    return stopped.value.code, err
+from helpers import ROOT, run_until_exit, tiny_fit_args
 
 
 def _assert_clean_cache(cache):
@@ -32,7 +24,7 @@ def _assert_clean_cache(cache):
     ],
 )
 def test_bad_settings(override, message, corpus_file, tmp_path, capsys, private_cache):
-    code, err = _run(tiny_fit_args(corpus_file, tmp_path, *override), capsys)
+    code, err = run_until_exit(tiny_fit_args(corpus_file, tmp_path, *override), capsys)
     assert code == 2
     assert err[-1].startswith(f"error: {message}"), err
     _assert_clean_cache(private_cache)
@@ -41,11 +33,11 @@ def test_bad_settings(override, message, corpus_file, tmp_path, capsys, private_
 def test_empty_corpus(tmp_path, capsys, private_cache):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, err = _run(tiny_fit_args(empty, tmp_path), capsys)
+    code, err = run_until_exit(tiny_fit_args(empty, tmp_path), capsys)
     assert code == 2 and "is empty" in err[-1] and err[-1].startswith("error: ")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n   \n")
-    code, err = _run(tiny_fit_args(blank, tmp_path), capsys)
+    code, err = run_until_exit(tiny_fit_args(blank, tmp_path), capsys)
     assert code == 2 and "has no text" in err[-1]
     _assert_clean_cache(private_cache)
 
@@ -53,7 +45,7 @@ def test_empty_corpus(tmp_path, capsys, private_cache):
 def test_corpus_smaller_than_one_batch(tmp_path, capsys, private_cache):
     small = tmp_path / "small.txt"
     small.write_text("the cat sees the house in the morning.\n\n" * 30)
-    code, err = _run(tiny_fit_args(small, tmp_path), capsys)
+    code, err = run_until_exit(tiny_fit_args(small, tmp_path), capsys)
     assert code == 2
     assert "fewer than one optimizer step needs (data.batch_size=16 x trainer.accumulate_grad_batches=1 x 1 process(es) = 16)" in err[-1]
     assert "lower data.batch_size" in err[-1]
@@ -76,7 +68,7 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path, private_cache):
 
 
 def test_corpus_smaller_than_one_optimizer_step_of_gradient_accumulation(corpus_file, tmp_path, capsys):
-    code, err = _run(tiny_fit_args(corpus_file, tmp_path, "--trainer.accumulate_grad_batches", "1000"), capsys)
+    code, err = run_until_exit(tiny_fit_args(corpus_file, tmp_path, "--trainer.accumulate_grad_batches", "1000"), capsys)
     assert code == 2
     assert re.fullmatch(
         r"error: the corpus yields \d+ training sequences of 32 tokens, fewer than one optimizer step needs "

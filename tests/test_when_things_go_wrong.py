@@ -14,7 +14,7 @@ import yaml
 
 import train
 from core.cost_table import CostTable
-from helpers import ROOT, tiny_fit_args
+from helpers import ROOT, run_until_exit, tiny_fit_args
 
 SECTION = "## When things go wrong"
 
@@ -32,10 +32,9 @@ def readme_rows() -> dict[str, str]:
 
 
 def _error(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        train.main(args)
-    assert stopped.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    code, err = run_until_exit(args, capsys)
+    assert code == 2
+    return err[-1]
 
 
 def _budget(tmp_path: Path, budget="20s", table: str | None = None, every: str | int | None = None) -> Path:
