@@ -28,6 +28,7 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from core.contracts import BudgetClock
 from core.durations import parse_duration
@@ -75,6 +76,7 @@ class RunCheckpoint(ModelCheckpoint):
         return self._generate_state_key(monitor=self.monitor, mode=self.mode, every=self.every)
 
     # ----- set-up ----------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -84,6 +86,7 @@ class RunCheckpoint(ModelCheckpoint):
             raise UserError(f"RunCheckpoint every={self.every!r} counts RST, but the run has no RSTBudget: add one, "
                             "or give every as optimizer steps (an integer)")
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._sigterm = False
@@ -109,16 +112,19 @@ class RunCheckpoint(ModelCheckpoint):
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handler()
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last(trainer)  # last.ckpt holds the final state of a finished run
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
         super().on_exception(trainer, pl_module, exception)
 
     # ----- saving ----------------------------------------------------------------------------------
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
@@ -152,9 +158,11 @@ class RunCheckpoint(ModelCheckpoint):
             return  # ModelCheckpoint itself saved at this step
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rst_at_last_step": self._rst_at_last_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._rst_at_last_step = float(state_dict.get("rst_at_last_step", 0.0))

@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from callbacks.architecture import check_depth_schedule
 from core.contracts import DepthSchedule
@@ -110,6 +111,7 @@ class LayerDropping(Callback, DepthSchedule):
         return "layer dropping"
 
     # ----- hooks ----------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -119,6 +121,7 @@ class LayerDropping(Callback, DepthSchedule):
                 for index, layer in enumerate(stack):
                     self._hooks.append(layer.register_forward_hook(self._rescale_hook(pl_module, index)))
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for handle in self._hooks:
             handle.remove()
@@ -137,9 +140,11 @@ class LayerDropping(Callback, DepthSchedule):
 
         return hook
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._checked_step = -1
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._resumed_draw is not None:
             # a resumed run continues with the last step's layers and keep level, as the run it continues had
@@ -149,6 +154,7 @@ class LayerDropping(Callback, DepthSchedule):
             self._set_keep_probabilities(pl_module)
             pl_module.set_active_layers(active)
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._checked_step:
             return  # inside gradient accumulation: the active set stays fixed within an optimizer step
@@ -179,15 +185,19 @@ class LayerDropping(Callback, DepthSchedule):
             pl_module.set_active_layers(self._training_selection)
             self._training_selection = None
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._all_layers(pl_module)
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore(pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.set_active_layers(None)  # the trained model runs all its layers from here on
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # draws derive from (seed, step); the last draw is kept for what runs before the next one
         state: dict[str, Any] = {"seed": self.seed}
@@ -195,6 +205,7 @@ class LayerDropping(Callback, DepthSchedule):
             state.update(theta=self._theta, active_layers=list(self._last_draw))
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("active_layers"):
             self._resumed_draw = (float(state_dict["theta"]), [int(i) for i in state_dict["active_layers"]])

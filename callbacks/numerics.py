@@ -25,6 +25,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from core.errors import TrainingStopped, UserError
 
@@ -53,15 +54,18 @@ class NonFiniteCheck(Callback):
         self._loss: torch.Tensor | None = None  # all micro-batch losses of the step finite (a tensor: no sync)
         self._loss_value: torch.Tensor | None = None
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.action == "skip":
             pl_module.log("numerics/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
+    @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).all()  # every micro-batch of the step, accumulated lazily
         self._loss = finite if self._loss is None else self._loss & finite
         self._loss_value = loss.detach()
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
@@ -90,8 +94,10 @@ class NonFiniteCheck(Callback):
             "callbacks.numerics.NonFiniteCheck with action=skip to skip such steps"
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))

@@ -18,8 +18,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from core.budget import BudgetAccount
+from core.checkpoints import BUDGET_STATE_KEY, budget_state
 from core.contracts import BatchSelector, BudgetClock, ChargesWork
 from core.cost_table import CostTable
 from core.durations import format_duration, parse_duration
@@ -27,7 +29,6 @@ from core.errors import UserError
 
 __all__ = ["RSTBudget"]
 
-STATE_KEY = "RSTBudget"
 
 
 class RSTBudget(Callback, BudgetClock):
@@ -84,7 +85,7 @@ class RSTBudget(Callback, BudgetClock):
 
     @property
     def state_key(self) -> str:
-        return STATE_KEY  # one key whatever the mode, so a resume in another mode is detected and refused
+        return BUDGET_STATE_KEY  # one key whatever the mode, so a resume in another mode is detected and refused
 
     # ----- the clock ------------------------------------------------------------------------------
     def budget_progress(self) -> float:
@@ -127,6 +128,7 @@ class RSTBudget(Callback, BudgetClock):
         self._synced_step = trainer.global_step
 
     # ----- hooks ----------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -143,13 +145,13 @@ class RSTBudget(Callback, BudgetClock):
                 num_layers=getattr(pl_module, "num_layers", 1),
             )
 
+    @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # called for every callback when a checkpoint is restored, whether or not it holds this one's state
-        states = checkpoint.get("callbacks", {})
-        found = [state for key, state in states.items() if str(key).startswith(STATE_KEY)]
-        self._restored = found[0] if found else None
+        self._restored = budget_state(checkpoint)
         self._restored_step = int(checkpoint.get("global_step", 0))
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning restored the loops, the module and the callbacks (resume): start counting here
         if self._restored_step is not None:
@@ -172,9 +174,11 @@ class RSTBudget(Callback, BudgetClock):
         if self.account.exhausted():  # resumed from a run whose budget is already spent
             trainer.should_stop = True
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start = time.monotonic()
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._batch_start is not None:
             self._wall_train += time.monotonic() - self._batch_start
@@ -212,8 +216,10 @@ class RSTBudget(Callback, BudgetClock):
             pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     # ----- checkpoint -----------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**self.account.state_dict(), "selection_seconds": self.selection_spent}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)  # read in on_train_start, once the module's ledger is restored too

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
 from callbacks.architecture import check_depth_schedule
 from core.contracts import DepthSchedule
@@ -110,6 +111,7 @@ class LayerStacking(Callback, DepthSchedule):
         return depth_at(tau, self.initial_layers, self.fractions)
 
     # ----- hooks ----------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -121,10 +123,12 @@ class LayerStacking(Callback, DepthSchedule):
                 f"{pl_module.num_layers / 2 ** len(self.fractions):g} or change model.num_layers"
             )
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.set_active_layers(range(self._depth))  # the depth reached before a resume, or the start
         self._checked_step = -1
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._checked_step:
             return  # inside gradient accumulation: the depth stays fixed within an optimizer step
@@ -147,8 +151,10 @@ class LayerStacking(Callback, DepthSchedule):
         pl_module.set_active_layers(range(self._depth))
 
     # ----- checkpoint -----------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"depth": self._depth}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._depth = int(state_dict.get("depth", self.initial_layers))

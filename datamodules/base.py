@@ -12,6 +12,7 @@ Subclasses (``MLMDataModule``, ``SpanCorruptionDataModule``) choose the tokenize
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from core.contracts import BatchSelector
 from core.errors import UserError
@@ -32,7 +34,7 @@ from datamodules.tokenizer_training import tokenizer_files
 __all__ = ["PretrainingDataModule"]
 
 
-class PretrainingDataModule(L.LightningDataModule):
+class PretrainingDataModule(L.LightningDataModule, ABC):
     """Shared pipeline of the pre-training data modules.
 
     Args:
@@ -134,8 +136,10 @@ class PretrainingDataModule(L.LightningDataModule):
         """Corpus tokens consumed per training example."""
         return self.raw_sequence_length
 
+    @abstractmethod
     def make_collator(self, fixed: bool):
-        raise NotImplementedError
+        """The collator of training (``fixed=False``: masks drawn per pass) or validation (``fixed=True``: masks
+        seeded by example id) batches."""
 
     # ----- the cache ----------------------------------------------------------------------------
     @property
@@ -171,9 +175,11 @@ class PretrainingDataModule(L.LightningDataModule):
         return float(value) if value is not None else None
 
     # ----- Lightning hooks ----------------------------------------------------------------------
+    @override
     def prepare_data(self) -> None:
         self.cache.build(self.num_proc, check=self._check_sizes)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
             self.splits, self.tokenizer, self.stats = self.cache.load()
@@ -181,6 +187,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self._check_sizes(self.stats)
 
     # ----- checkpoint: what `train.py export` needs beside the weights --------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Saved into every checkpoint: the tokenizer's files (a checkpoint exports on any machine, without
         this data cache) and the corpus tokens one training example consumes (the model card's tokens)."""
@@ -190,13 +197,14 @@ class PretrainingDataModule(L.LightningDataModule):
             self._tokenizer_files = tokenizer_files(self.tokenizer)
         return {"tokenizer_files": self._tokenizer_files, "tokens_per_sequence": int(self.tokens_per_sequence)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the tokenizer comes from the data cache, which the checkpoint's digests pin."""
 
     # ----- what batch selection checks (the irreducible-loss file of `train.py score`) -------------
+    @abstractmethod
     def masking_settings(self) -> dict[str, Any]:
         """The settings that decide the training masks (or corruption) of an example, mask seed included."""
-        raise NotImplementedError
 
     def examples_fingerprint(self, split: str = "train") -> dict[str, Any]:
         """What identifies the examples of ``split`` and their training masks: an irreducible-loss file
@@ -250,6 +258,7 @@ class PretrainingDataModule(L.LightningDataModule):
             raise UserError(f"trainer.callbacks holds {len(selectors)} batch selectors: keep one")
         return selectors[0] if selectors else None
 
+    @override
     def train_dataloader(self):
         # already shuffled once, offline, with split_seed; read in order, resumable (datamodules/streams.py)
         trainer = getattr(self, "trainer", None)
@@ -286,6 +295,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def candidate_batches_per_pass(self) -> int:
         return SequentialTrainingStream(self.train_dataset, self.batch_size).batches_per_pass()
 
+    @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, PendingBatch):  # a selected training micro-batch, assembled now, after the last step
             return batch.assemble()
@@ -295,6 +305,7 @@ class PretrainingDataModule(L.LightningDataModule):
         """Training batches this rank has consumed since the run began (restored when Lightning resumes)."""
         return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         # several processes: each its own examples, none repeated (DistributedSampler would pad with
         # repeats, and the validation loss would then depend on the number of processes)

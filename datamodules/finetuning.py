@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from core.errors import UserError
 from datamodules.downstream import TASKS, load_task
@@ -69,6 +70,7 @@ class DownstreamDataModule(L.LightningDataModule):
                 for split in self.eval_splits:
                     self.raw[split] = self.raw[split].select(range(min(self.max_eval_examples, len(self.raw[split]))))
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
 
@@ -99,10 +101,12 @@ class DownstreamDataModule(L.LightningDataModule):
             return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
         return DataCollatorWithPadding(self.tokenizer)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.tokenized["train"], batch_size=self.batch_size, shuffle=True, drop_last=False,
                           collate_fn=self._collator(), num_workers=self.num_workers)
 
+    @override
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(self.tokenized[split], batch_size=self.eval_batch_size, shuffle=False,
                            collate_fn=self._collator(), num_workers=self.num_workers) for split in self.eval_splits]

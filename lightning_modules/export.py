@@ -10,7 +10,6 @@ state. ``export_checkpoint`` writes them as a directory that ``AutoModelForMaske
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 
+from core.checkpoints import budget_state, data_state
+from core.class_paths import import_class
 from core.errors import UserError
 
 __all__ = ["FAMILIES", "PretrainingCheckpoint", "export_checkpoint", "load_checkpoint"]
@@ -58,8 +59,7 @@ def _tokenizer(checkpoint: dict[str, Any], path: Path, tokenizer_dir: str | None
             raise UserError(f"--tokenizer {tokenizer_dir}: holds no tokenizer.json")
         return AutoTokenizer.from_pretrained(tokenizer_dir)
     name = checkpoint.get("datamodule_hparams_name") and checkpoint.get("datamodule_hyper_parameters", {}).get("_class_path")
-    states = [v for k, v in checkpoint.items() if k.endswith("DataModule") and isinstance(v, dict)]
-    files = next((s["tokenizer_files"] for s in states if "tokenizer_files" in s), None)
+    files = (data_state(checkpoint) or {}).get("tokenizer_files")
     if files is None:
         raise UserError(f"{path} holds no tokenizer (written by an older version, or without the datamodule {name or ''}): "
                         "pass --tokenizer DIR, the tokenizer directory of its data cache (<cache>/tokenizers/...)")
@@ -71,11 +71,10 @@ def _tokenizer(checkpoint: dict[str, Any], path: Path, tokenizer_dir: str | None
 
 def _facts(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     """Steps, sequences, tokens, RST spent and budget, the run's configuration."""
-    budget = next((v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("RSTBudget")), {})
+    budget = budget_state(checkpoint) or {}
     ledger = checkpoint.get("work_ledger") or {}
     sequences = sum(float(v) for k, v in ledger.items() if k.startswith("fwd_bwd/"))
-    states = [v for k, v in checkpoint.items() if k.endswith("DataModule") and isinstance(v, dict)]
-    per_sequence = next((s["tokens_per_sequence"] for s in states if "tokens_per_sequence" in s), None)
+    per_sequence = (data_state(checkpoint) or {}).get("tokens_per_sequence")
     config_file = path.parent.parent / "config.yaml"  # LightningCLI writes it into the run's log directory
     return {
         "checkpoint": str(path),
@@ -103,8 +102,7 @@ def load_checkpoint(ckpt_path: str | Path, family: str | None = None, tokenizer_
     found = FAMILIES[class_path]
     if family is not None and found != family:
         raise UserError(f"{path} is a {found.upper()} checkpoint; this needs a {family.upper()} one")
-    module_name, _, class_name = class_path.rpartition(".")
-    module_class = getattr(importlib.import_module(module_name), class_name)
+    module_class = import_class(class_path, what=str(path))
     module = module_class(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
     module.load_state_dict(checkpoint["state_dict"])
     module.set_active_layers(None)

@@ -89,11 +89,11 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def run_until_exit(args: list[str], capsys) -> tuple[int, list[str]]:
-    """``train.main(args)``, which must end the program: its exit status and its stderr lines."""
+    """``cli.main(args)``, which must end the program: its exit status and its stderr lines."""
     import pytest
 
-    import train
+    import cli
 
     with pytest.raises(SystemExit) as stopped:
-        train.main(args)
+        cli.main(args)
     return stopped.value.code, capsys.readouterr().err.strip().splitlines()

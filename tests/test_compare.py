@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import train
+import cli
 from core.sealing import seal
 from core.significance import student_t_quantile, welch_t_test
 from helpers import ROOT
@@ -41,7 +41,7 @@ BASELINE_AND_STACKING = [{"name": "baseline"}, {"name": "stacking", "configs": [
 
 
 def _compare(study: Path, out: Path, *extra: str) -> None:
-    train.main(["compare", "--study", str(study), "--output", str(out), *extra])
+    cli.main(["compare", "--study", str(study), "--output", str(out), *extra])
 
 
 def test_a_tiny_study_writes_every_artefact_and_a_rerun_skips_finished_runs(corpus_file, tmp_path, capsys):
@@ -83,14 +83,14 @@ def test_an_interrupted_run_continues_from_its_last_checkpoint(corpus_file, tmp_
     run_dir = out / "runs" / "baseline" / "8s" / "seed0"
     _compare(study, out, "--launcher", "print")  # writes nothing but the commands; resolves every config
     assert capsys.readouterr().out.count("--run baseline/8s/seed0") == 1
-    from studies.compare import load_study, resolved_config
+    from studies.study import load_study, resolved_config
 
     loaded = load_study(study, out)
     config = resolved_config(loaded, loaded.runs()[0])
     config["trainer"]["max_steps"] = 4  # the same run, stopped after 4 of its 8 steps
     run_dir.mkdir(parents=True)
     (run_dir / "half.yaml").write_text(yaml.safe_dump(config))
-    train.main(["fit", "--config", str(run_dir / "half.yaml")])  # "interrupted" after 4 of its 8 steps
+    cli.main(["fit", "--config", str(run_dir / "half.yaml")])  # "interrupted" after 4 of its 8 steps
     assert (run_dir / "tb/run/checkpoints/last.ckpt").is_file() and not (run_dir / "result.json").exists()
     _compare(study, out)
     assert "continuing from" in capsys.readouterr().out
@@ -112,7 +112,7 @@ def test_a_method_whose_runs_fail_is_reported_as_failed(corpus_file, tmp_path):
 
 def _one_line_error(args, capsys) -> str:
     with pytest.raises(SystemExit) as stopped:
-        train.main(args)
+        cli.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(err) == 1, err
     return err[0]
@@ -123,7 +123,7 @@ def test_bad_study_files_are_refused_in_one_line_before_any_run(corpus_file, tmp
     cases = [
         ([{"name": "stacking", "configs": [str(ROOT / "configs/bert/demo-stacking.yaml")]}], {}, "no method named 'baseline'"),
         ([{"name": "baseline"}, {"name": "x", "overrides": {"model.init_args.optimizer": {"class_path": "nope.Nope"}}}], {},
-         "cannot import class 'nope.Nope'"),
+         "cannot import 'nope.Nope': no module named 'nope'"),
         ([{"name": "baseline"}], {"table": "missing.json"}, "table 'missing.json' does not exist"),
     ]
     for methods, extra, message in cases:
@@ -137,7 +137,7 @@ def test_bad_study_files_are_refused_in_one_line_before_any_run(corpus_file, tmp
 
 
 def test_the_shipped_studies_resolve_every_run():
-    from studies.compare import load_study, resolved_config
+    from studies.study import load_study, resolved_config
 
     for path in sorted((ROOT / "configs/studies").glob("*.yaml")):
         study = load_study(path)

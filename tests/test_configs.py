@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-import train
+import cli
 from helpers import ROOT
 
 # "# plan: 31,958 optimizer steps" or, in an overlay,
@@ -22,7 +22,7 @@ def _plan(capsys, *configs: str) -> dict:
     args = ["plan"]
     for config in configs:
         args += ["--config", str(ROOT / config)]
-    train.main(args)
+    cli.main(args)
     return json.loads(capsys.readouterr().out)
 
 

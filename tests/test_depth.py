@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-import train
+import cli
 from callbacks.layer_dropping import (
     LayerDropping,
     drop_probabilities,
@@ -218,9 +218,9 @@ def _budget_overlay(tmp_path, method: dict) -> str:
 def test_plan_predicts_the_steps_the_run_takes(method, corpus_file, tmp_path, capsys, caplog):
     args = tiny_fit_args(corpus_file, tmp_path, "--config", _budget_overlay(tmp_path, method),
                          "--model.num_layers", "4")
-    train.main(["plan", *args[1:]])
+    cli.main(["plan", *args[1:]])
     plan = json.loads(capsys.readouterr().out)
-    train.main(args)
+    cli.main(args)
     assert f"spent at optimizer step {plan['optimizer_steps']} (RST {plan['rst_seconds']:.3f} s" in caplog.text
     checkpoint = torch.load(tmp_path / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     charged = checkpoint["work_ledger"]
@@ -312,7 +312,7 @@ def test_both_methods_train_t5_encoder_and_decoder_alike(method, corpus_file, tm
     ("t5", "stacking", 123880, [(3, 37114), (6, 28104), (12, 58662)]),  # paper's arithmetic: 37.1k / 28.1k / 58.7k
 ])
 def test_paper_scale_stacking_plans(model, method, steps, phases, capsys):
-    train.main(["plan", "--config", str(ROOT / f"configs/{model}/baseline.yaml"),
+    cli.main(["plan", "--config", str(ROOT / f"configs/{model}/baseline.yaml"),
                 "--config", str(ROOT / f"configs/{model}/{method}.yaml")])
     plan = json.loads(capsys.readouterr().out)
     assert plan["optimizer_steps"] == steps
@@ -320,7 +320,7 @@ def test_paper_scale_stacking_plans(model, method, steps, phases, capsys):
 
 
 def test_paper_scale_dropping_plan_runs_about_a_third_more_steps(capsys):
-    train.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
+    cli.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
                 "--config", str(ROOT / "configs/bert/dropping.yaml"), "--budget", "6h"])
     plan = json.loads(capsys.readouterr().out)
     # recount by hand: each step draws its layers (seed 0, the config's), pays 12 micro-batches at that depth

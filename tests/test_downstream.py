@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import cli
 from helpers import ROOT, make_corpus, tiny_fit_args
 
 TINY_T5 = [
@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
     cache = ["--data.cache_dir", str(out / "cache")]
     args = tiny_fit_args(corpus, out, *cache)
     args[args.index("--trainer.max_steps") + 1] = "20"
-    train.main(args)
-    train.main(["fit", "--config", str(ROOT / "configs/t5/demo.yaml"), "--config", str(ROOT / "tests/configs/step-budget.yaml"),
+    cli.main(args)
+    cli.main(["fit", "--config", str(ROOT / "configs/t5/demo.yaml"), "--config", str(ROOT / "tests/configs/step-budget.yaml"),
                 "--data.corpus.source", "files", "--data.corpus.data_files", str(corpus), *TINY_T5, *cache,
                 "--trainer.logger.init_args.save_dir", str(out)])
     return {"bert": out / "bert-demo/version_0/checkpoints/last.ckpt", "t5": out / "t5-demo/version_0/checkpoints/last.ckpt"}
@@ -43,7 +43,7 @@ def test_bert_export_loads_with_auto_classes_and_gives_the_modules_logits(runs, 
 
     from lightning_modules.export import load_checkpoint
 
-    train.main(["export", "--ckpt_path", str(runs["bert"]), "--output", str(tmp_path / "hf")])
+    cli.main(["export", "--ckpt_path", str(runs["bert"]), "--output", str(tmp_path / "hf")])
     assert "AutoModelForMaskedLM.from_pretrained" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -87,7 +87,7 @@ def test_export_errors_are_one_line(runs, tmp_path, capsys):
         (["--ckpt_path", str(ROOT / "README.md")], "not a Lightning checkpoint"),
     ]:
         with pytest.raises(SystemExit) as stopped:
-            train.main(["export", *args, "--output", str(tmp_path / "out")])
+            cli.main(["export", *args, "--output", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert stopped.value.code == 2 and len(err) == 1 and message in err[0], err
 
@@ -163,7 +163,7 @@ def test_glue_local_files_are_read_in_the_hubs_schema(tmp_path):
 def test_a_tiny_fine_tune_beats_chance_and_reports_the_last_epoch(runs, tmp_path, capsys):
     data = _easy_task(tmp_path / "glue")
     output = tmp_path / "glue.json"
-    train.main(["evaluate", "--ckpt_path", str(runs["bert"]), "--suite", "glue", "--tasks", "sst2", "--data_dir", str(data),
+    cli.main(["evaluate", "--ckpt_path", str(runs["bert"]), "--suite", "glue", "--tasks", "sst2", "--data_dir", str(data),
                 "--output", str(output), "--seeds", "0,1", "--epochs", "4", "--learning_rate", "2e-3",
                 "--batch_size", "16", "--no_progress"])
     result = json.loads(output.read_text())
@@ -188,7 +188,7 @@ def test_t5_text_to_text_scores_rouge_l(runs, tmp_path):
     for split in ("train", "test"):
         datasets.Dataset.from_list(rows).to_json(str(tmp_path / "sni" / f"{split}.jsonl"))
     output = tmp_path / "sni.json"
-    train.main(["evaluate", "--ckpt_path", str(runs["t5"]), "--suite", "sni", "--data_dir", str(tmp_path),
+    cli.main(["evaluate", "--ckpt_path", str(runs["t5"]), "--suite", "sni", "--data_dir", str(tmp_path),
                 "--output", str(output), "--epochs", "1", "--max_length", "32", "--max_target_length", "8", "--no_progress"])
     result = json.loads(output.read_text())
     entry = result["tasks"]["sni"]["reported"]["test/rougeL"]
@@ -200,7 +200,7 @@ def test_t5_text_to_text_scores_rouge_l(runs, tmp_path):
 def _error(args, capsys) -> str:
     """The one error line (progress bars of reading the data may precede it)."""
     with pytest.raises(SystemExit) as stopped:
-        train.main(args)
+        cli.main(args)
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip() and "examples/s]" not in line]
     assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]

@@ -2,14 +2,15 @@
 
 import re
 
+import pytest
 import torch
 
-import train
+import cli
 from helpers import scalars, tiny_fit_args
 
 
 def test_fit_loss_falls_and_tensorboard_holds_the_curves(corpus_file, tmp_path, capsys):
-    train.main(tiny_fit_args(corpus_file, tmp_path))
+    cli.main(tiny_fit_args(corpus_file, tmp_path))
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("done: 60 steps, 30,720 tokens, final val/loss ")  # 60 x 16 x 32 tokens
     loss, entropy = map(float, re.search(r"val/loss ([\d.]+) \(unigram entropy of this corpus ([\d.]+)\)", summary).groups())
@@ -40,3 +41,12 @@ def test_fit_loss_falls_and_tensorboard_holds_the_curves(corpus_file, tmp_path, 
     for name, value in restored.state_dict().items():
         torch.testing.assert_close(value, state["state_dict"][name])
     assert (log_dir / "config.yaml").exists()
+    # programs read the same facts from summary.json
+    from cli.summary import read_summary
+
+    written = read_summary(log_dir)
+    assert written.line() == summary
+    assert (written.status, written.optimizer_steps, written.tokens) == ("finished", 60, 30_720)
+    assert round(written.val_loss, 4) == loss and round(written.unigram_entropy, 4) == entropy
+    assert written.train_loss == pytest.approx(train_loss[-1])  # the last step is a logging step (every 5 of 60)
+    assert written.rst_seconds is None and written.checkpoint == str(checkpoint)  # a step budget: no RST clock

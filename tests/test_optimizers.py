@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+import cli
 from core.batch import IGNORE_INDEX, INPUT_IDS, LABELS
 from core.cost_table import CostTable
 from core.sealing import seal
@@ -201,11 +201,11 @@ def test_calibrate_times_more_optimizers_and_updates_a_table(tmp_path, capsys):
                   "--data.batch_size", "8", "--model.num_layers", "2", "--model.hidden_size", "32",
                   "--model.num_heads", "2", "--model.intermediate_size", "64"]
     quick = ["--warmup", "0", "--iterations", "2", "--rounds", "1"]
-    train.main(["calibrate", "--output", str(output), *quick, *model_args,
+    cli.main(["calibrate", "--output", str(output), *quick, *model_args,
                 "--optimizers", "lightning_modules.optimizers.Lion"])
     assert set(CostTable.load(output).optimizer_step_seconds) == {"AdamW", "Lion"}
     before = CostTable.load(output)
-    train.main(["calibrate", "--output", str(output), "--update", *quick, *model_args,
+    cli.main(["calibrate", "--output", str(output), "--update", *quick, *model_args,
                 "--optimizers", "lightning_modules.optimizers.SophiaG,lightning_modules.optimizers.MuonWithAdamW"])
     after = CostTable.load(output)
     assert set(after.optimizer_step_seconds) == {"AdamW", "Lion", "SophiaG", "MuonWithAdamW"}
@@ -314,11 +314,11 @@ def test_plan_predicts_a_sophia_run_with_its_hessian_passes(corpus_file, tmp_pat
                                                     "init_args": {"budget": "14s", "table": str(table)}}]},
     }))
     args = tiny_fit_args(corpus_file, tmp_path, "--config", str(overlay))
-    train.main(["plan", *args[1:]])
+    cli.main(["plan", *args[1:]])
     plan = json.loads(capsys.readouterr().out)
     # per step 1.0 + 0.25, and a Hessian micro-batch (1.0) after steps 3, 6, 9: 14 s are crossed at step 9
     assert plan["optimizer_steps"] == 9 and plan["hessian_rst_seconds"] == 3.0
-    train.main(args)
+    cli.main(args)
     assert "done: 9 steps" in capsys.readouterr().out
 
 
@@ -362,14 +362,14 @@ def test_schedule_free_switches_to_eval_weights_for_validation_and_checkpoints(c
 
 @pytest.mark.parametrize(("overlay", "steps"), [("lion", 82838), ("sophia", 74741)])
 def test_plan_on_the_paper_t5_table_gives_the_papers_counts(overlay, steps, capsys):
-    train.main(["plan", "--config", str(ROOT / "configs/t5/baseline.yaml"),
+    cli.main(["plan", "--config", str(ROOT / "configs/t5/baseline.yaml"),
                 "--config", str(ROOT / f"configs/t5/{overlay}.yaml")])
     plan = json.loads(capsys.readouterr().out)
     assert plan["optimizer_steps"] == steps  # the paper: about 82,838 and 74,740 (86400 s / 1.043 s, / 1.156 s)
 
 
 def test_plan_charges_sophias_hessian_passes_on_the_bert_table(capsys):
-    train.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
+    cli.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
                 "--config", str(ROOT / "configs/bert/sophia.yaml")])
     plan = json.loads(capsys.readouterr().out)
     table = CostTable.load(ROOT / "configs/rst/bert-paper.json")

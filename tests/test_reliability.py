@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-import train
+import cli
 from core.cost_table import CostTable
 from helpers import ROOT, tiny_fit_args
 
@@ -102,9 +102,9 @@ def irreducible_losses(corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("irreducible")
     args = tiny_fit_args(corpus_file, out, "--data.train_split", "holdout", "--data.holdout_fraction", "0.2",
                          "--trainer.max_steps", "6", "--trainer.logger.init_args.name", "irreducible")
-    train.main(args)
+    cli.main(args)
     losses = out / "il.npy"
-    train.main(["score", *args[1:], "--ckpt_path", "last", "--output", str(losses)])
+    cli.main(["score", *args[1:], "--ckpt_path", "last", "--output", str(losses)])
     return losses
 
 
@@ -125,7 +125,7 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
                     _probe("SignalAt", step=6, micro_batch=1, signal="SIGKILL"), budget=budget)
     process = _start(_args(corpus_file, killed_dir, kill, *extra))
     full = _overlay(full_dir, *callbacks, _probe("RecordSteps", directory=str(full_dir / "steps")), budget=budget)
-    train.main(_args(corpus_file, full_dir, full, *extra))  # the uninterrupted run, meanwhile
+    cli.main(_args(corpus_file, full_dir, full, *extra))  # the uninterrupted run, meanwhile
     uninterrupted = _final_line(capsys.readouterr().out)
     assert int(uninterrupted.split()[1]) >= 7  # "done: N steps, ..."
 
@@ -138,7 +138,7 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
     crossings = [s for s in range(1, 6) if full_steps[s]["rst"] // 7 > (full_steps[s - 1]["rst"] if s > 1 else 0) // 7]
     assert crossings and saved["global_step"] == crossings[-1]
     resume = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")), budget=budget)
-    train.main(_args(corpus_file, killed_dir, resume, *extra, "--ckpt_path", "last"))
+    cli.main(_args(corpus_file, killed_dir, resume, *extra, "--ckpt_path", "last"))
     captured = capsys.readouterr()
     assert _final_line(captured.out) == uninterrupted
     assert "resuming from " in captured.err and f"{os.sep}version_0{os.sep}checkpoints{os.sep}last.ckpt" in captured.err
@@ -152,7 +152,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus
                     _probe("SignalAt", step=6, micro_batch=0, signal="SIGTERM"))
     process = _start(_args(corpus_file, stopped_dir, term))
     full = _overlay(full_dir, _probe("RecordSteps", directory=str(full_dir / "steps")))
-    train.main(_args(corpus_file, full_dir, full))
+    cli.main(_args(corpus_file, full_dir, full))
     uninterrupted = _final_line(capsys.readouterr().out)
     stopped = _finish(process)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
@@ -161,7 +161,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus
     last = stopped_dir / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 6  # the step in progress finished, then saved
     resume = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")))
-    train.main(_args(corpus_file, stopped_dir, resume, "--ckpt_path", "last"))
+    cli.main(_args(corpus_file, stopped_dir, resume, "--ckpt_path", "last"))
     assert _final_line(capsys.readouterr().out) == uninterrupted
     _assert_same_from(6, _steps(stopped_dir / "steps"), _steps(full_dir / "steps"))
 
@@ -205,18 +205,18 @@ def test_last_is_the_newest_checkpoint_of_any_version_and_a_damaged_one_is_named
 
 def test_a_damaged_checkpoint_stops_fit_before_any_work(corpus_file, tmp_path, capsys):
     out = tmp_path / "runs"
-    train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3"))
+    cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3"))
     last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", "last"))
+        cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", "last"))
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --ckpt_path last: the newest checkpoint {last} is truncated or corrupt")
     assert sorted(p.name for p in (out / "bert-demo").iterdir()) == ["version_0"]  # no new run folder
     with pytest.raises(SystemExit):
-        train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", str(last)))
+        cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", str(last)))
     assert "the checkpoint is truncated or corrupt" in capsys.readouterr().err
 
 
@@ -249,7 +249,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(corp
     overlay.write_text(yaml.safe_dump({"trainer": {"callbacks+": [{"class_path": f"{__name__}.BreakSaves"}]}}))
     globals()["BreakSaves"] = BreakSavesAt
     with pytest.raises(OSError, match="No space left"):
-        train.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "14"))
+        cli.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "14"))
     monkeypatch.undo()
     last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     check_checkpoint(last)
@@ -271,7 +271,7 @@ def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good
     out = tmp_path / "runs"
     overlay = _with_probes(tmp_path, _probe("PoisonAt", step=13, where=where))
     with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "20"))
+        cli.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "20"))
     assert stopped.value.code == 2
     last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -288,7 +288,7 @@ def test_skip_drops_the_step_counts_it_and_continues(corpus_file, tmp_path, caps
     out = tmp_path / "runs"
     overlay = _with_probes(tmp_path, _probe("PoisonAt", step=3, where="loss"), _probe("PoisonAt", step=7),
                            {"class_path": "callbacks.numerics.NonFiniteCheck", "init_args": {"action": "skip"}})
-    train.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "12",
+    cli.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "12",
                              "--trainer.log_every_n_steps", "1"))
     assert "done: 12 steps" in capsys.readouterr().out
     state = torch.load(out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -350,7 +350,7 @@ def test_two_processes_train_like_one_and_take_every_decision_together(corpus_fi
                            "--trainer.accelerator", "cpu"))
     one = _overlay(one_dir, STACKING, _probe("RecordParameters", directory=str(one_dir / "params")),
                    _probe("RecordSteps", directory=str(one_dir / "steps")), budget="20s")
-    train.main(_args(corpus_file, one_dir, one))  # the overlay accumulates 2 micro-batches
+    cli.main(_args(corpus_file, one_dir, one))  # the overlay accumulates 2 micro-batches
     single_line = _final_line(capsys.readouterr().out)
     result = _finish(process)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -491,18 +491,18 @@ def test_checkpoints_load_as_weights_only_and_one_that_needs_more_is_refused_wit
     from fractions import Fraction
 
     out = tmp_path / "runs"
-    train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "2"))
+    cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "2"))
     last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)  # what this project writes needs no pickled code
     state["extra"] = Fraction(1, 3)  # an object only full unpickling can rebuild
     foreign = tmp_path / "foreign.ckpt"
     torch.save(state, foreign)
     with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign)))
+        cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign)))
     assert stopped.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"error: --ckpt_path {foreign} holds objects that loading with weights_only=True refuses")
     assert "--weights_only false" in message
-    train.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign),
+    cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign),
                              "--weights_only", "false"))  # the user's call: the run resumes
     assert "done: 4 steps" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-import train
+import cli
 from callbacks.rst import RSTBudget
 from core.budget import BudgetAccount
 from core.cost_table import CostTable
@@ -147,7 +147,7 @@ def test_paper_t5_table_gives_the_papers_step_counts(optimizer, budget, steps):
 
 
 def test_plan_command_on_the_paper_baseline_config(capsys):
-    train.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"), "--budget", "6h"])
+    cli.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"), "--budget", "6h"])
     plan = json.loads(capsys.readouterr().out)
     assert plan["optimizer_steps"] == 7990 and plan["micro_batches"] == 7990 * 12
     assert plan["tokens"] == 7990 * 1536 * 128
@@ -196,13 +196,13 @@ TINY_TABLE = dict(seq_len=32, micro_batch_size=16, fwd_bwd_seconds=[0.5, 1.0], f
 def _fit_with_budget(corpus, out, config, *extra):
     args = tiny_fit_args(corpus, out, "--config", str(config), "--trainer.accumulate_grad_batches", "2",
                          "--trainer.log_every_n_steps", "1", *extra)
-    train.main(args)
+    cli.main(args)
     return scalars(out / "bert-demo" / "version_0")
 
 
 def test_run_stops_at_the_budget_and_plan_predicts_it(corpus_file, tmp_path, capsys, caplog):
     config = _write_budget_config(tmp_path, "20.1s", _table(**TINY_TABLE))
-    train.main(["plan", *tiny_fit_args(corpus_file, tmp_path, "--config", str(config),
+    cli.main(["plan", *tiny_fit_args(corpus_file, tmp_path, "--config", str(config),
                                        "--trainer.accumulate_grad_batches", "2")[1:]])
     plan = json.loads(capsys.readouterr().out)
     # per step: 2 micro-batches x 1.0 s (2 layers) + 0.25 s optimizer = 2.25 s -> 9 steps reach 20.25 s
@@ -285,7 +285,7 @@ def test_a_table_that_does_not_fit_the_run_fails_at_start_up(corpus_file, tmp_pa
 
 def test_calibrate_writes_a_table_that_prices_the_config(tmp_path, capsys):
     output = tmp_path / "tiny.json"
-    train.main([
+    cli.main([
         "calibrate", "--output", str(output), "--warmup", "0", "--iterations", "2", "--rounds", "1",
         "--config", str(ROOT / "configs/bert/demo.yaml"),
         "--data.vocab_size", "200", "--data.seq_len", "32", "--data.batch_size", "8",
@@ -303,7 +303,7 @@ def test_calibrate_writes_a_table_that_prices_the_config(tmp_path, capsys):
 
 
 def test_the_demo_config_runs_on_its_rst_budget(capsys):
-    train.main(["plan", "--config", str(ROOT / "configs/bert/demo.yaml")])
+    cli.main(["plan", "--config", str(ROOT / "configs/bert/demo.yaml")])
     plan = json.loads(capsys.readouterr().out)
     assert plan["table"] == "configs/rst/bert-demo-cpu.json" and plan["budget_seconds"] == 150
     table = CostTable.load(ROOT / "configs/rst/bert-demo-cpu.json")
@@ -368,7 +368,7 @@ def test_resuming_in_another_mode_is_refused(corpus_file, tmp_path, capsys):
 
 def test_adding_a_budget_to_a_run_that_had_none_prices_the_work_done(corpus_file, tmp_path, caplog):
     first = tmp_path / "first"
-    train.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "2"))
+    cli.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "2"))
     checkpoint = first / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     second = tmp_path / "second"
     second.mkdir()
@@ -385,7 +385,7 @@ def test_adding_a_budget_to_a_run_that_had_none_prices_the_work_done(corpus_file
 def test_tokens_stay_right_after_resuming_on_more_processes(corpus_file, tmp_path, capsys):
     """1 process for 3 steps, then 2 processes for 3 more: 3 x 16 + 3 x 2 x 16 sequences of 32 tokens."""
     first = tmp_path / "first"
-    train.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "3"))
+    cli.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "3"))
     checkpoint = first / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     args = tiny_fit_args(corpus_file, tmp_path / "second", "--trainer.max_steps", "6", "--ckpt_path", str(checkpoint),
                          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")

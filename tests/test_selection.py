@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-import train
+import cli
 from callbacks.batch_selection import RhoLoss, SelectiveBackprop, load_irreducible_losses, sidecar_path
 from callbacks.rst import RSTBudget
 from core.batch import EXAMPLE_ID, INPUT_IDS, PASS_INDEX
@@ -359,9 +359,9 @@ def test_rho_loss_pipeline_fit_score_select_and_resume(corpus_file, tmp_path, ca
     common = ("--data.holdout_fraction", "0.2", "--trainer.max_steps", "8", "--data.batch_size", "8")
     irreducible = tiny_fit_args(corpus_file, out, "--data.train_split", "holdout", *common,
                                 "--trainer.logger.init_args.name", "irreducible")
-    train.main(irreducible)
+    cli.main(irreducible)
     losses = tmp_path / "il.npy"
-    train.main(["score", *irreducible[1:], "--ckpt_path", "last", "--output", str(losses), "--passes", "2"])
+    cli.main(["score", *irreducible[1:], "--ckpt_path", "last", "--output", str(losses), "--passes", "2"])
     assert f"wrote {losses}" in capsys.readouterr().out
     table = np.load(losses)
     sidecar = json.loads(sidecar_path(losses).read_text())
@@ -428,7 +428,7 @@ def test_t5_selective_backprop_with_accumulation_and_bf16(corpus_file, tmp_path)
 def test_selection_curves_and_the_rst_split_reach_tensorboard(corpus_file, tmp_path):
     args = tiny_fit_args(corpus_file, tmp_path, "--config", str(ROOT / "configs/bert/demo-selective-backprop.yaml"),
                          "--trainer.max_steps", "10")
-    train.main(args)
+    cli.main(args)
     curves = scalars(tmp_path / "bert-demo-selective-backprop" / "version_0")
     for tag in ("selection/keep_rate", "selection/candidates_per_step", "selection/score_kept_mean",
                 "selection/score_rejected_mean"):
@@ -438,7 +438,7 @@ def test_selection_curves_and_the_rst_split_reach_tensorboard(corpus_file, tmp_p
 
 
 def test_plan_charges_the_expected_scoring(capsys):
-    train.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
+    cli.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
                 "--config", str(ROOT / "configs/bert/selective-backprop.yaml")])
     plan = json.loads(capsys.readouterr().out)
     table = CostTable.load(ROOT / "configs/rst/bert-paper.json")

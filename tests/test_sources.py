@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-import train
+import cli
 from core.errors import UserError
 from datamodules import MLMDataModule
 from datamodules.corpora import EMBEDDED_CORPORA, Corpus, clean_news_text, fetch_embedded_corpus
@@ -105,11 +105,11 @@ def test_hub_source_reads_through_datasets(tmp_path, monkeypatch):
 def test_print_config_round_trips(tmp_path, capsys):
     for config in ("configs/bert/demo.yaml", "configs/bert/baseline.yaml"):
         with pytest.raises(SystemExit):
-            train.main(["fit", "--config", str(ROOT / config), "--print_config"])
+            cli.main(["fit", "--config", str(ROOT / config), "--print_config"])
         printed = capsys.readouterr().out
         (tmp_path / "printed.yaml").write_text(printed)
         with pytest.raises(SystemExit):
-            train.main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+            cli.main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
         assert capsys.readouterr().out == printed
         assert "class_path: callbacks.rst.RSTBudget" in printed
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+import cli
 from core.errors import UserError
 from datamodules import SpanCorruptionDataModule
 from datamodules.collators import (
@@ -251,7 +251,7 @@ def test_adamwscale_fused_and_foreach_updates_agree(monkeypatch):
 
 
 def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsys):
-    train.main([
+    cli.main([
         "fit",
         "--config", str(ROOT / "configs/t5/demo.yaml"),
         "--config", str(ROOT / "tests/configs/step-budget.yaml"),
@@ -281,12 +281,12 @@ def test_plan_and_calibrate_work_for_t5(tmp_path, capsys):
 
     from core.cost_table import CostTable
 
-    train.main(["plan", "--config", str(ROOT / "configs/t5/baseline.yaml"), "--budget", "6h"])
+    cli.main(["plan", "--config", str(ROOT / "configs/t5/baseline.yaml"), "--budget", "6h"])
     plan = json.loads(capsys.readouterr().out)
     assert plan["optimizer_steps"] == 20951 and plan["micro_batches"] == 2 * 20951  # docs/paper.md: about 20,951
     assert plan["optimizer"] == "AdamWScale" and plan["tokens"] == 20951 * 144 * 568
     output = tmp_path / "t5.json"
-    train.main([
+    cli.main([
         "calibrate", "--output", str(output), "--warmup", "0", "--iterations", "1", "--rounds", "1",
         "--config", str(ROOT / "configs/t5/demo.yaml"), "--data.vocab_size", "300", "--data.seq_len", "32",
         "--data.batch_size", "4", "--model.num_layers", "2", "--model.d_model", "32", "--model.d_ff", "64",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-import train
+import cli
 from core.cost_table import CostTable
 from helpers import ROOT, run_until_exit, tiny_fit_args
 
@@ -55,10 +55,10 @@ def trained(corpus_file, tmp_path_factory):
     """A 2-step tiny run and its irreducible-loss file (for the checkpoint and RHO-loss rows)."""
     out = tmp_path_factory.mktemp("trained")
     args = tiny_fit_args(corpus_file, out, "--data.holdout_fraction", "0.2", "--trainer.max_steps", "2")
-    train.main(args)
+    cli.main(args)
     checkpoint = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     losses = out / "il.npy"
-    train.main(["score", *args[1:], "--ckpt_path", str(checkpoint), "--output", str(losses)])
+    cli.main(["score", *args[1:], "--ckpt_path", str(checkpoint), "--output", str(losses)])
     return {"checkpoint": checkpoint, "losses": losses}
 
 
@@ -217,7 +217,7 @@ def _(t, corpus, trained, capsys):
     config.write_text(yaml.safe_dump({"trainer": {"max_steps": -1, "callbacks": [
         {"class_path": "callbacks.rst.RSTBudget", "init_args": {"budget": "20s", "mode": "wall"}}]}}))
     table_run = t / "table-run"
-    train.main(tiny_fit_args(corpus, table_run, "--config", str(_budget(t, every=100)), "--trainer.max_steps", "1"))
+    cli.main(tiny_fit_args(corpus, table_run, "--config", str(_budget(t, every=100)), "--trainer.max_steps", "1"))
     checkpoint = table_run / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     return _error(tiny_fit_args(corpus, t, "--config", str(config), "--ckpt_path", str(checkpoint)), capsys)
 
