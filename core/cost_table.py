@@ -8,7 +8,7 @@ over the work it actually did, of what that work costs on a *reference machine*:
 with ``n_*(k)`` the micro-batches run with ``k`` active layers (counted by the work ledger,
 ``core/ledger.py``) and ``t_*`` the seconds per micro-batch in a cost table measured once on the
 reference machine (``train.py calibrate``) or taken from the paper (``configs/rst/``). The table
-format is documented in the README ("Table format") and in docs/design.md. A saved table carries a
+format is documented in docs/rst.md ("Table format") and in docs/design.md. A saved table carries a
 SHA-256 seal of its content (``core/sealing.py``): an edited table is refused when it is loaded;
 ``python -m core.cost_table seal FILE`` re-seals one edited on purpose.
 """
@@ -39,7 +39,8 @@ class CostTable:
 
     ``fwd_bwd_seconds[k-1]`` is one forward+backward micro-batch with ``k`` active layers;
     ``fwd_seconds`` the same forward-only (a list, or one number for every ``k``);
-    ``optimizer_step_seconds`` maps an optimizer class name to seconds per step (missing = 0);
+    ``optimizer_step_seconds`` maps an optimizer class name to seconds per step (empty: no step is charged;
+    otherwise a name it lacks is refused, see ``optimizer_step``);
     a Hessian pass (Sophia) costs a forward+backward micro-batch, unless ``hessian_in_optimizer_step``
     says the optimizer step prices already include them (the paper's T5 table timed whole steps).
     """

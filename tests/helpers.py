@@ -97,3 +97,13 @@ def run_until_exit(args: list[str], capsys) -> tuple[int, list[str]]:
     with pytest.raises(SystemExit) as stopped:
         cli.main(args)
     return stopped.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def doc(name: str) -> str:
+    """The text of ``README.md``, or of the page ``docs/<name>`` (e.g. ``doc("usage.md")``)."""
+    return (ROOT / name if name == "README.md" else ROOT / "docs" / name).read_text()
+
+
+def documentation() -> list[Path]:
+    """README.md and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

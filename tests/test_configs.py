@@ -1,4 +1,4 @@
-"""Every step count the configs and the README quote is the one ``train.py plan`` computes, exactly."""
+"""Every step count the configs and the docs quote is the one ``train.py plan`` computes, exactly."""
 
 import json
 import re
@@ -6,7 +6,7 @@ import re
 import pytest
 
 import cli
-from helpers import ROOT
+from helpers import ROOT, doc
 
 # "# plan: 31,958 optimizer steps" or, in an overlay,
 # "# plan (on configs/bert/baseline.yaml): 46,824 optimizer steps = 13,830 + 10,624 + 22,370"
@@ -53,19 +53,18 @@ def test_step_counts_in_config_comments_are_what_plan_says(config, capsys):
             assert [p["optimizer_steps"] for p in plan["phases"]] == phases, (config, plan["phases"])
 
 
-def test_step_counts_in_the_readme_config_table_are_what_plan_says(capsys):
-    readme = (ROOT / "README.md").read_text()
-    rows = re.findall(r"^\| `(configs/[\w/.-]+\.yaml)` \|.*\(([\d,]+) steps\)", readme, re.M)
+def test_step_counts_in_the_config_table_of_docs_usage_are_what_plan_says(capsys):
+    rows = re.findall(r"^\| `(configs/[\w/.-]+\.yaml)` \|.*\(([\d,]+) steps\)", doc("usage.md"), re.M)
     assert len(rows) >= 4, rows  # the demos and the baselines
     for config, steps in rows:
         assert _plan(capsys, config)["optimizer_steps"] == _number(steps), config
 
 
-def test_step_counts_of_the_readme_stacking_paragraph_are_what_plan_says(capsys):
-    readme = (ROOT / "README.md").read_text()
+def test_step_counts_of_the_stacking_paragraph_of_docs_methods_are_what_plan_says(capsys):
+    methods = doc("methods.md")
     for family in ("bert", "t5"):
         phases = re.search(rf"{family.upper() if family == 'bert' else 'T5'} gets ([\d,]+) \+ ([\d,]+) \+ ([\d,]+) = ([\d,]+)",
-                           readme)
+                           methods)
         assert phases, family
         *stages, total = map(_number, phases.groups())
         plan = _plan(capsys, f"configs/{family}/baseline.yaml", f"configs/{family}/stacking.yaml")

@@ -226,7 +226,7 @@ def test_evaluate_bad_input_is_one_line(runs, tmp_path, capsys):
 
 
 # ----- the offline tasks' data ------------------------------------------------------------------------------
-# the recorded splits: seed 0 over the de-duplicated texts of each pinned wheel (the README lists them)
+# the recorded splits: seed 0 over the de-duplicated texts of each pinned wheel (docs/evaluation.md lists them)
 RECORDED = {
     "reviews": {"train": 10751, "validation": 2000, "sha256": "48b99f9e8fc9829d7394ee5aa6618f482732646611ebdd8441316e25a4a63a1b"},
     "news-topic": {"train": 1643, "validation": 445, "sha256": "3f40e31682dafca78025e9ff5b18057d8a66666538ee2b2d4427df0b994d2daa"},

@@ -1,5 +1,5 @@
-"""The README's "When things go wrong" table, row by row: each bad file or value gets the one line the
-README shows (``…`` stands for the parts that vary), exit status 2, before any work, leaving no run folder."""
+"""The "When things go wrong" table of docs/troubleshooting.md, row by row: each bad file or value gets the one
+line the table shows (``…`` stands for the parts that vary), exit status 2, before any work, leaving no run folder."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import yaml
 
 import cli
 from core.cost_table import CostTable
-from helpers import ROOT, run_until_exit, tiny_fit_args
+from helpers import doc, run_until_exit, tiny_fit_args
 
 SECTION = "## When things go wrong"
 
 
-def readme_rows() -> dict[str, str]:
-    """``"input: problem"`` -> the error line, from the README table."""
-    text = (ROOT / "README.md").read_text()
+def table_rows() -> dict[str, str]:
+    """``"input: problem"`` -> the error line, from the table in docs/troubleshooting.md."""
+    text = doc("troubleshooting.md")
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
@@ -255,21 +255,21 @@ def _(t, corpus, trained, capsys):
                    "--output", str(t / "out.json")], capsys)
 
 
-def _pattern(readme_line: str) -> str:
-    return ".*".join(re.escape(part) for part in readme_line.split("…"))
+def _pattern(table_line: str) -> str:
+    return ".*".join(re.escape(part) for part in table_line.split("…"))
 
 
-def test_every_readme_row_has_a_scenario_and_every_scenario_a_row():
-    assert sorted(readme_rows()) == sorted(SCENARIOS)
+def test_every_row_of_the_troubleshooting_table_has_a_scenario_and_every_scenario_a_row():
+    assert sorted(table_rows()) == sorted(SCENARIOS)
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_the_error_is_the_one_the_readme_shows(name, corpus_file, trained, tmp_path, capsys):
+def test_the_error_is_the_one_the_troubleshooting_table_shows(name, corpus_file, trained, tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
     capsys.readouterr()
     line = SCENARIOS[name](work, corpus_file, trained, capsys)
-    expected = readme_rows().get(name, "")
+    expected = table_rows().get(name, "")
     assert re.fullmatch(_pattern(expected), line), (expected, line)
     assert not (work / "bert-demo").exists()  # no run folder: the error came before any work
     assert not (work / "runs" / "bert-demo" / "version_1").exists()
