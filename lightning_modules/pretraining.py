@@ -1,10 +1,10 @@
 """What every pre-training LightningModule shares: optimizer, budget-progress schedule, work ledger.
 
-Optimizers with extra needs are served here: ``SophiaG`` gets the number of target positions of each
-step and, every ``hessian_interval`` steps, a Hessian estimate from labels sampled at those
-positions (``target_logits``); ``MuonWithAdamW`` gets the hidden weight matrices as its own group;
-an optimizer with ``train()``/``eval()`` modes (schedule-free) is switched to ``eval`` for validation
-and for the weights a checkpoint stores.
+Optimizers with extra needs are served here: an ``EstimatesHessian`` (``SophiaG``) gets the number
+of target positions of each step and, every ``hessian_interval`` steps, a Hessian estimate from labels
+sampled at those positions (``target_logits``); ``MuonWithAdamW`` gets the hidden weight matrices as
+its own group; an optimizer with ``train()``/``eval()`` modes (schedule-free) is switched to ``eval`` for
+validation and for the weights a checkpoint stores.
 
 Subclasses (``BertMLM``, ``T5SpanCorruption``) build a ``transformers`` model in ``__init__``, register
 its layer stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective
@@ -27,12 +27,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from core.batch import INPUT_IDS
-from core.contracts import BudgetClock, DepthSchedule
+from core.contracts import BudgetClock, DepthSchedule, EstimatesHessian
 from core.errors import UserError
 from core.host_memory import retain_freed_memory
 from core.ledger import WorkLedger
 from lightning_modules.layer_control import LayerControlMixin
-from lightning_modules.optimizers import MuonWithAdamW, SophiaG
+from lightning_modules.optimizers import MuonWithAdamW
 from lightning_modules.schedules import LRSchedule, ScheduleName
 
 __all__ = ["ModalOptimizer", "PretrainingModule", "muon_parameter_groups", "parameter_groups"]
@@ -232,10 +232,10 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
                 "set trainer.max_steps, add an RST budget callback, or use model.lr_schedule=constant"
             )
         optimizer = self.build_optimizer()
-        if isinstance(optimizer, SophiaG) and str(self.trainer.precision).startswith("16"):
+        if isinstance(optimizer, EstimatesHessian) and str(self.trainer.precision).startswith("16"):
             raise UserError(
-                "SophiaG's Hessian passes need trainer.precision bf16-mixed or 32-true: float16 without loss "
-                "scaling underflows the squared gradients (the paper's fp16 Sophia runs gave NaNs)"
+                f"{type(optimizer).__name__}'s Hessian passes need trainer.precision bf16-mixed or 32-true: float16 "
+                "without loss scaling underflows the squared gradients (the paper's fp16 Sophia runs gave NaNs)"
             )
         schedule = LambdaLR(optimizer, lambda _: self.lr_schedule(self.budget_progress()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
@@ -249,27 +249,27 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
-        if isinstance(optimizer, SophiaG):  # bs: the loss positions of this step on every process
+        if isinstance(optimizer, EstimatesHessian):  # bs: the loss positions of this step on every process
             positions = torch.as_tensor(self._target_positions, dtype=torch.float32, device=self.device)
             optimizer.set_batch_positions(self.trainer.strategy.reduce(positions, reduce_op="sum"))
         self._target_positions = 0
 
     # ----- Sophia's Hessian estimate --------------------------------------------------------------
-    def _sophia(self) -> SophiaG | None:
+    def _hessian_estimator(self) -> EstimatesHessian | None:
         trainer = self._trainer
         if trainer is None or not trainer.optimizers:
             return None
         optimizer = trainer.optimizers[0]
-        return optimizer if isinstance(optimizer, SophiaG) else None
+        return optimizer if isinstance(optimizer, EstimatesHessian) else None
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step; then, every ``hessian_interval``-th step, Sophia's Hessian estimate on that step's
         micro-batches, before the budget clock is synced, so the step is charged with its estimate."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        sophia = self._sophia()
+        estimator = self._hessian_estimator()
         step = self.trainer.global_step + 1  # this step, counted from 1 (Lightning counts it after this hook)
-        if sophia is not None and self._hessian_batches and step % sophia.hessian_interval == 0:
-            self.estimate_hessian(sophia, self._hessian_batches, step)
+        if estimator is not None and self._hessian_batches and step % estimator.hessian_interval == 0:
+            self.estimate_hessian(estimator, self._hessian_batches, step)
             self._hessian_batches = []
 
     def sampled_label_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -280,7 +280,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
             sampled = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
         return F.cross_entropy(logits, sampled), int(sampled.numel())
 
-    def estimate_hessian(self, optimizer: SophiaG, batches: list[dict[str, torch.Tensor]], step: int) -> None:
+    def estimate_hessian(self, optimizer: EstimatesHessian, batches: list[dict[str, torch.Tensor]], step: int) -> None:
         """One Hessian estimate over ``batches`` (the micro-batches of optimizer ``step``): each
         sampled-label loss divided by their number, gradients averaged over the processes and clipped
         like training's, folded into the optimizer's estimate; charged at the forward+backward price."""
@@ -322,11 +322,11 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
     # ----- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
-        sophia = self._sophia()
-        if sophia is not None:
+        estimator = self._hessian_estimator()
+        if estimator is not None:
             self._target_positions = self._target_positions + targets
-            if (self.trainer.global_step + 1) % sophia.hessian_interval == 0 and (
-                sophia.hessian_micro_batches is None or len(self._hessian_batches) < sophia.hessian_micro_batches
+            if (self.trainer.global_step + 1) % estimator.hessian_interval == 0 and (
+                estimator.hessian_micro_batches is None or len(self._hessian_batches) < estimator.hessian_micro_batches
             ):
                 self._hessian_batches.append(batch)
         examples = int(batch[INPUT_IDS].shape[0])
@@ -348,12 +348,12 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         """
         trainer = self.trainer
         step = trainer.global_step
-        sophia = self._sophia()
+        estimator = self._hessian_estimator()
         if step == self._window_step or step % max(trainer.log_every_n_steps, 1):
             return  # inside gradient accumulation, or not a logging step
         self._window_step = step
-        if sophia is not None and sophia.win_rate is not None:
-            self.log("optim/sophia_win_rate", sophia.win_rate, on_step=True, on_epoch=False)
+        if estimator is not None and estimator.win_rate is not None:
+            self.log("optim/sophia_win_rate", estimator.win_rate, on_step=True, on_epoch=False)
         now = time.perf_counter()
         if self._window_start is not None and now > self._window_start:
             tokens = self._tokens_in_window * trainer.world_size

@@ -1,9 +1,13 @@
-"""What the tests share: a generated corpus with real structure, tiny configurations, TensorBoard reading."""
+"""What the tests share: a generated corpus with real structure, tiny configurations, a tiny fit,
+TensorBoard reading."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
+
+import lightning as L
 
 from datamodules.corpora import Corpus
 
@@ -50,6 +54,41 @@ def tiny_bert_args(**overrides) -> dict:
     args = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=200, max_seq_len=32)
     args.update(overrides)
     return args
+
+
+class StepLosses(L.Callback):
+    """The training loss of every micro-batch, with the optimizer step it belongs to."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append((trainer.global_step, float(outputs["loss"])))
+
+
+def fit_tiny_bert(out: Path, corpus: Path, optimizer: Callable, *, lr_schedule: str = "triangle",
+                  warmup_fraction: float = 0.0, max_steps: int = 16, ckpt_path: Path | None = None, every: int = 0,
+                  accumulate: int = 1):
+    """Seed 0 and fit a tiny ``BertMLM`` with ``optimizer`` (a function of the parameter groups) in ``out``:
+    validation every 8 steps, a checkpoint every ``every`` steps (``out/ckpt/step=N.ckpt``; 0: none).
+    Returns the trainer, the model and the ``StepLosses`` of the fit."""
+    from datamodules import MLMDataModule
+    from lightning_modules.bert_mlm import BertMLM
+
+    L.seed_everything(0)
+    model = BertMLM(**tiny_bert_args(), optimizer=optimizer, lr_schedule=lr_schedule, warmup_fraction=warmup_fraction)
+    data = MLMDataModule(**tiny_mlm_data_args(corpus))
+    probe = StepLosses()
+    callbacks = [probe]
+    if every:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=every,
+                                                             save_top_k=-1, filename="{step}"))
+    trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=bool(every),
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=8,
+                        check_val_every_n_epoch=None, limit_val_batches=1, default_root_dir=out,
+                        accumulate_grad_batches=accumulate)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, model, probe
 
 
 def tiny_fit_args(corpus, out: Path, *extra: str) -> list[str]:

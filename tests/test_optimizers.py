@@ -1,7 +1,7 @@
-"""Optimizers and schedules: Lion, Sophia-G (and its Hessian estimate), Muon, SOAP, schedule-free, WSD."""
+"""Optimizers: Lion, Sophia-G (and its Hessian estimate), Muon, SOAP, schedule-free."""
 
 import json
-import math
+import re
 
 import lightning as L
 import pytest
@@ -10,14 +10,15 @@ import torch.nn.functional as F
 
 import cli
 from core.batch import IGNORE_INDEX, INPUT_IDS, LABELS
+from core.contracts import EstimatesHessian
 from core.cost_table import CostTable
+from core.errors import UserError
 from core.sealing import seal
 from datamodules import MLMDataModule
-from helpers import ROOT, tiny_bert_args, tiny_mlm_data_args
+from helpers import ROOT, fit_tiny_bert, tiny_bert_args, tiny_mlm_data_args
 from lightning_modules.bert_mlm import BertMLM
 from lightning_modules.optimizers import Lion, MuonWithAdamW, SophiaG, rms_scaled_lr
 from lightning_modules.pretraining import muon_parameter_groups
-from lightning_modules.schedules import LRSchedule, wsd
 from lightning_modules.t5_span_corruption import T5SpanCorruption
 
 # --------------------------------------------------------------------------- updates by hand and against references
@@ -40,7 +41,7 @@ def _run(optimizer_class, weights, grads, **kwargs):
     return params, optimizer
 
 
-def test_lion_single_step_by_hand():
+def test_one_lion_step_is_the_update_worked_by_hand():
     w, g = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, -0.1, 0.0])
     params, _ = _run(Lion, [w], [[g]], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
     # m = 0: update = sign(0.1 g); theta (1 - 0.1 * 0.5) - 0.1 sign
@@ -48,7 +49,7 @@ def test_lion_single_step_by_hand():
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_lion_multi_step_equals_lion_pytorch(weight_decay):
+def test_lion_takes_the_same_steps_as_lion_pytorch(weight_decay):
     from lion_pytorch import Lion as ReferenceLion
 
     weights, grads = _problem()
@@ -65,7 +66,7 @@ def test_lion_rms_scale_multiplies_the_step_by_the_tensor_rms():
     assert rms_scaled_lr(0.1, torch.zeros(4)) == pytest.approx(0.1 * 1e-3)  # the floor
 
 
-def test_sophia_single_step_by_hand():
+def test_one_sophia_step_is_the_update_worked_by_hand():
     w, g = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
     params = [torch.nn.Parameter(w.clone())]
     optimizer = SophiaG(params, lr=0.1, betas=(0.5, 0.9), rho=0.5, weight_decay=0.2)
@@ -78,9 +79,10 @@ def test_sophia_single_step_by_hand():
     expected = [1.0 * (1 - 0.02) - 0.1 * 0.25, 1.0 * (1 - 0.02) + 0.1 * 1.0]
     assert params[0].detach().tolist() == pytest.approx(expected)
     assert float(optimizer.win_rate) == 0.5  # one of two coordinates not clipped
+    assert isinstance(optimizer, EstimatesHessian)  # how the training module and plan find it
 
 
-def test_sophia_multi_step_with_hessian_updates_equals_sophia_opt():
+def test_sophia_with_hessian_updates_takes_the_same_steps_as_sophia_opt():
     from sophia_opt import SophiaG as ReferenceSophia
 
     weights, grads = _problem(1)
@@ -177,6 +179,15 @@ def test_muon_gets_only_the_hidden_matrices():
         assert isinstance(optimizer.muon, torch.optim.Muon) and len(optimizer.param_groups) == 3
 
 
+def test_muon_on_a_torch_without_torch_optim_muon_asks_for_torch_2_9(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    matrix = torch.nn.Parameter(torch.randn(4, 4))
+    expected = (f"MuonWithAdamW needs torch.optim.Muon, which torch {torch.__version__} lacks: it came with torch 2.9; "
+                "upgrade (pip install 'torch>=2.9') or choose another optimizer")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        MuonWithAdamW([{"params": [matrix], "muon": True}])
+
+
 def test_stacking_copies_every_optimizers_per_parameter_state():
     from callbacks.stacking import copy_optimizer_state
 
@@ -213,29 +224,7 @@ def test_calibrate_times_more_optimizers_and_updates_a_table(tmp_path, capsys):
     assert "updated" in capsys.readouterr().out
 
 
-# --------------------------------------------------------------------------- WSD
-
-
-def test_wsd_at_its_breakpoints():
-    schedule = LRSchedule(name="wsd", warmup_fraction=0.1, decay_fraction=0.2, final=0.0)
-    assert [schedule(t) for t in (0.0, 0.05, 0.1, 0.5, 0.8)] == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])
-    assert schedule(0.9) == pytest.approx(0.5) and schedule(1.0) == 0.0
-    assert wsd(0.9, 0.1, 0.2, decay_shape="cosine") == pytest.approx(0.5)
-    assert wsd(0.85, 0.1, 0.2, decay_shape="sqrt") == pytest.approx(1 - math.sqrt(0.25))
-    assert wsd(1.0, 0.1, 0.2, final=0.1) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="decay_fraction"):
-        LRSchedule(name="wsd", warmup_fraction=0.5, decay_fraction=0.6)
-
-
 # --------------------------------------------------------------------------- in a run
-
-
-class Losses(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append((trainer.global_step, float(outputs["loss"])))
 
 
 OPTIMIZERS = {
@@ -245,7 +234,6 @@ OPTIMIZERS = {
     "muon": ("lightning_modules.optimizers.MuonWithAdamW", {"lr": 0.02, "adamw_lr": 5e-3}),
     "soap": ("pytorch_optimizer.SOAP", {"lr": 5e-3, "precondition_frequency": 5}),
     "schedule-free": ("pytorch_optimizer.ScheduleFreeAdamW", {"lr": 5e-3, "weight_decay": 0.01}),
-    "wsd": ("torch.optim.AdamW", {"lr": 5e-3, "weight_decay": 0.01}),  # the schedule, with AdamW
 }
 
 
@@ -258,23 +246,10 @@ def _optimizer(name):
     return lambda params: optimizer_class(params, **kwargs)
 
 
-def _fit(tmp_path, corpus, name, *, max_steps=16, ckpt_path=None, every=0, schedule="triangle", accumulate=1):
-    L.seed_everything(0)
-    schedule = {"schedule-free": "constant", "wsd": "wsd"}.get(name, schedule)
-    model = BertMLM(**tiny_bert_args(), optimizer=_optimizer(name), lr_schedule=schedule,
-                    warmup_fraction=0.1 if name in ("schedule-free", "wsd") else 0.0)
-    data = MLMDataModule(**tiny_mlm_data_args(corpus))
-    probe = Losses()
-    callbacks = [probe]
-    if every:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
-                                                             save_top_k=-1, filename="{step}"))
-    trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=bool(every),
-                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=8,
-                        check_val_every_n_epoch=None, limit_val_batches=1, default_root_dir=tmp_path,
-                        accumulate_grad_batches=accumulate)
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return trainer, model, probe
+def _fit(tmp_path, corpus, name, **kwargs):
+    if name == "schedule-free":  # no decay schedule: constant after a warm-up
+        kwargs.update(lr_schedule="constant", warmup_fraction=0.1)
+    return fit_tiny_bert(tmp_path, corpus, _optimizer(name), **kwargs)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -1,0 +1,113 @@
+"""``AdamWScale``: nanoT5's AdamW with the learning rate of each tensor scaled by its RMS.
+
+Adafactor's "relative step" scaling, not Adafactor's update clipping (nanoT5 issue #15), used for the
+paper's T5 (paper section 3; docs/paper.md "T5"): for each parameter tensor ``theta``
+
+    m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
+    step = lr * sqrt(1 - beta2^t) / (1 - beta1^t) * max(1e-3, RMS(theta)),   RMS = ||theta||_2 / sqrt(numel)
+    theta = theta - step * m / (sqrt(v) + eps);   theta = theta - lr * wd * theta   (decoupled decay)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from lightning_modules.optimizers.common import _StepWithClosure, cpu_fused_adamw_fits
+
+__all__ = ["AdamWScale"]
+
+
+class AdamWScale(_StepWithClosure):
+    """AdamW with per-tensor RMS learning-rate scaling (nanoT5's ``AdamWScale``): for each tensor theta,
+
+        m <- beta1 m + (1 - beta1) g;   v <- beta2 v + (1 - beta2) g^2
+        theta <- theta - lr * max(min_scale, RMS(theta)) * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
+        theta <- theta * (1 - lr * weight_decay)
+
+    On a CPU each tensor is updated by PyTorch's fused AdamW kernel (with the rate and epsilon rescaled to
+    this update); elsewhere all tensors of a group with ``torch._foreach_*`` kernels. The RMS scales stay
+    on the device (no host synchronisation per tensor).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: base learning rate (paper T5: 2e-2).
+        betas: moment coefficients (paper T5: 0.9, 0.999).
+        eps: denominator term (paper T5: 1e-6).
+        weight_decay: decoupled weight decay, applied after the step (paper T5: 0).
+        min_scale: floor of the RMS scale (nanoT5: 1e-3).
+    """
+
+    _fusable = staticmethod(cpu_fused_adamw_fits)  # which path a group takes (a class attribute: tests force either)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 2e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        min_scale: float = 1e-3,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas={betas} must be in [0, 1)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_scale=min_scale)
+        super().__init__(params, defaults)
+
+    def update_parameters(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(params, group)
+
+    def _update_group(self, params: list[torch.Tensor], group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        grads = [p.grad.float() for p in params]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+        states = [self.state[p] for p in params]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        sizes = torch.tensor([math.sqrt(p.numel()) for p in params], device=params[0].device)
+        norms = torch.stack(torch._foreach_norm([p.float() for p in params]))
+        scales = (norms / sizes).clamp_(min=group["min_scale"])  # max(min_scale, RMS(theta)), on the device
+        if self._fusable(params):
+            # PyTorch's fused AdamW kernel computes lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps_t):
+            # with lr_t = lr x scale and eps_t = eps / sqrt(1 - beta2^t) that is this update, in one pass per tensor
+            for p, grad, exp_avg, exp_avg_sq, state, scale in zip(
+                params, grads, exp_avgs, exp_avg_sqs, states, scales.unbind(), strict=True
+            ):
+                step = state["step"]
+                torch._fused_adamw_(
+                    [p], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))],
+                    lr=scale * lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                    eps=eps / math.sqrt(1.0 - beta2**step), amsgrad=False, maximize=False,
+                )
+        else:
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            corrections = torch.tensor(  # -lr x bias correction, one per parameter
+                [-lr * math.sqrt(1.0 - beta2 ** s["step"]) / (1.0 - beta1 ** s["step"]) for s in states],
+                device=params[0].device,
+            )
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denominators, eps)
+            updates = torch._foreach_div(exp_avgs, denominators)
+            torch._foreach_mul_(updates, (scales * corrections).unbind())
+            if all(p.dtype == torch.float32 for p in params):
+                torch._foreach_add_(params, updates)
+            else:
+                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
+        if group["weight_decay"] > 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
