@@ -19,15 +19,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from core.budget import BudgetAccount
+from core.budget import BUDGET_STATE_KEY, BudgetAccount, saved_budget_state
 from core.contracts import BatchSelector, BudgetClock, ChargesWork
 from core.cost_table import CostTable
 from core.durations import format_duration, parse_duration
 from core.errors import UserError
 
 __all__ = ["RSTBudget"]
-
-STATE_KEY = "RSTBudget"
 
 
 class RSTBudget(Callback, BudgetClock):
@@ -84,7 +82,7 @@ class RSTBudget(Callback, BudgetClock):
 
     @property
     def state_key(self) -> str:
-        return STATE_KEY  # one key whatever the mode, so a resume in another mode is detected and refused
+        return BUDGET_STATE_KEY  # one key whatever the mode, so a resume in another mode is detected and refused
 
     # ----- the clock ------------------------------------------------------------------------------
     def budget_progress(self) -> float:
@@ -145,9 +143,7 @@ class RSTBudget(Callback, BudgetClock):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # called for every callback when a checkpoint is restored, whether or not it holds this one's state
-        states = checkpoint.get("callbacks", {})
-        found = [state for key, state in states.items() if str(key).startswith(STATE_KEY)]
-        self._restored = found[0] if found else None
+        self._restored = saved_budget_state(checkpoint)
         self._restored_step = int(checkpoint.get("global_step", 0))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
