@@ -20,8 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from core.budget import BudgetAccount
-from core.checkpoints import BUDGET_STATE_KEY, budget_state
+from core.budget import BUDGET_STATE_KEY, BudgetAccount, saved_budget_state
 from core.contracts import BatchSelector, BudgetClock, ChargesWork
 from core.cost_table import CostTable
 from core.durations import format_duration, parse_duration
@@ -148,7 +147,7 @@ class RSTBudget(Callback, BudgetClock):
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # called for every callback when a checkpoint is restored, whether or not it holds this one's state
-        self._restored = budget_state(checkpoint)
+        self._restored = saved_budget_state(checkpoint)
         self._restored_step = int(checkpoint.get("global_step", 0))
 
     @override

@@ -23,9 +23,19 @@ from core.durations import format_duration
 from core.errors import UserError
 from core.ledger import WorkLedger
 
-__all__ = ["BudgetAccount", "BudgetMode"]
+__all__ = ["BUDGET_STATE_KEY", "BudgetAccount", "BudgetMode", "saved_budget_state"]
 
 BudgetMode = Literal["table", "wall"]
+
+# where a Lightning checkpoint keeps the budget's state (``checkpoint["callbacks"][BUDGET_STATE_KEY]``):
+# one key whatever the mode, so a resume in another mode is detected and refused
+BUDGET_STATE_KEY = "RSTBudget"
+
+
+def saved_budget_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The budget's state in a loaded Lightning ``checkpoint`` (``BudgetAccount.state_dict`` and the
+    selection seconds), or ``None`` if the run had no RST budget."""
+    return checkpoint.get("callbacks", {}).get(BUDGET_STATE_KEY)
 
 
 @dataclass

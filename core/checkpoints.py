@@ -26,11 +26,9 @@ from typing import Any
 
 from core.errors import UserError
 
-__all__ = ["BUDGET_STATE_KEY", "ResumeTarget", "budget_state", "check_checkpoint", "claim_version", "data_state",
-           "resume_target", "run_checkpoints"]
+__all__ = ["ResumeTarget", "check_checkpoint", "claim_version", "data_state", "resume_target", "run_checkpoints"]
 
 RESUME_KEYWORDS = ("last", "last-good")
-BUDGET_STATE_KEY = "RSTBudget"  # the budget clock's key among a checkpoint's callback states, whatever its mode
 DATA_STATE_MARK = "tokenizer_files"  # what a pre-training data module's checkpoint state always holds
 _VERSION = re.compile(r"^version_(\d+)$")
 
@@ -110,11 +108,6 @@ def claim_version(root: str | Path) -> str:
             return f"version_{number}"
         except FileExistsError:
             number += 1
-
-
-def budget_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The budget clock's saved state in a loaded checkpoint (``spent_seconds``, ``budget_seconds``, ...), if any."""
-    return (checkpoint.get("callbacks") or {}).get(BUDGET_STATE_KEY)
 
 
 def data_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from core.cost_table import CostTable
 from core.ledger import WorkLedger
 
 __all__ = [
@@ -112,6 +113,12 @@ class BudgetClock(ABC):
     @abstractmethod
     def spent_seconds(self) -> float:
         """RST spent so far (the whole run's, every rank's work), as of the last optimizer step."""
+
+    @property
+    @abstractmethod
+    def table(self) -> CostTable | None:
+        """The cost table that prices the run's work, or ``None`` if the clock measures wall time
+        (``train.py score`` prices its scoring forwards with it)."""
 
     def sync(self, trainer: Any, pl_module: Any) -> None:  # noqa: B027 (optional hook)
         """Bring the clock up to date before a schedule reads it (a collective: every rank calls it)."""

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from core.checkpoints import budget_state, data_state
+from core.budget import saved_budget_state
+from core.checkpoints import data_state
 from core.class_paths import import_class
 from core.errors import UserError
 
@@ -71,7 +72,7 @@ def _tokenizer(checkpoint: dict[str, Any], path: Path, tokenizer_dir: str | None
 
 def _facts(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     """Steps, sequences, tokens, RST spent and budget, the run's configuration."""
-    budget = budget_state(checkpoint) or {}
+    budget = saved_budget_state(checkpoint) or {}
     ledger = checkpoint.get("work_ledger") or {}
     sequences = sum(float(v) for k, v in ledger.items() if k.startswith("fwd_bwd/"))
     per_sequence = (data_state(checkpoint) or {}).get("tokens_per_sequence")

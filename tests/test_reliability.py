@@ -86,8 +86,8 @@ def _assert_same_from(step: int, resumed: dict[int, dict], full: dict[int, dict]
 
 STACKING = {"class_path": "callbacks.stacking.LayerStacking", "init_args": {"initial_layers": 1, "fractions": [0.5]}}
 DROPPING = {"class_path": "callbacks.layer_dropping.LayerDropping", "init_args": {"gamma_f": 100.0, "theta_bar": 0.5}}
-SELECTIVE_BACKPROP = {"class_path": "callbacks.batch_selection.SelectiveBackprop", "init_args": {"beta": 1.0, "history": 64}}
-RHO_LOSS = {"class_path": "callbacks.batch_selection.RhoLoss", "init_args": {"ratio": 0.5}}
+SELECTIVE_BACKPROP = {"class_path": "callbacks.selective_backprop.SelectiveBackprop", "init_args": {"beta": 1.0, "history": 64}}
+RHO_LOSS = {"class_path": "callbacks.rho_loss.RhoLoss", "init_args": {"ratio": 0.5}}
 # every method in a killed run: a depth schedule and a batch selector can share one (a run has at most one of each)
 METHODS = {
     "baseline": [],
@@ -468,8 +468,8 @@ def test_an_edited_cost_table_is_refused_and_a_resealed_one_is_used(tmp_path):
 def test_an_edited_sidecar_or_a_replaced_loss_file_is_refused(irreducible_losses, tmp_path):
     import numpy as np
 
-    from callbacks.batch_selection import load_irreducible_losses, sidecar_path
     from core.errors import UserError
+    from core.irreducible_losses import load_irreducible_losses, sidecar_path
 
     sidecar = json.loads(sidecar_path(irreducible_losses).read_text())
     expected = sidecar["examples"]

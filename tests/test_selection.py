@@ -13,11 +13,15 @@ import torch
 import yaml
 
 import cli
-from callbacks.batch_selection import RhoLoss, SelectiveBackprop, load_irreducible_losses, sidecar_path
+from callbacks.irreducible_scoring import score_training_examples
+from callbacks.rho_loss import RhoLoss
 from callbacks.rst import RSTBudget
+from callbacks.selective_backprop import SelectiveBackprop
 from core.batch import EXAMPLE_ID, INPUT_IDS, PASS_INDEX
+from core.batch_dicts import concat_batches, count_examples, split_batch, take_rows
 from core.cost_table import CostTable
 from core.errors import UserError
+from core.irreducible_losses import load_irreducible_losses, sidecar_path, write_irreducible_losses
 from core.ledger import WorkLedger
 from core.sealing import file_sha256, seal
 from core.selection import (
@@ -87,6 +91,22 @@ def test_keep_draws_depend_on_seed_pass_and_id_only():
     assert not np.array_equal(keep_uniforms(3, [1] * 1000, ids), first)
     assert not np.array_equal(keep_uniforms(4, [0] * 1000, ids), first)
     assert 0.0 <= first.min() and first.max() < 1.0 and abs(first.mean() - 0.5) < 0.03
+
+
+def test_batch_dicts_count_join_take_and_split_along_the_examples():
+    first = {EXAMPLE_ID: torch.tensor([4, 7, 9]), INPUT_IDS: torch.tensor([[1, 2], [3, 4], [5, 6]])}
+    second = {EXAMPLE_ID: torch.tensor([2]), INPUT_IDS: torch.tensor([[7, 8]])}
+    assert count_examples(None) == 0 and count_examples(first) == 3
+    joined = concat_batches(first, second)
+    assert joined[EXAMPLE_ID].tolist() == [4, 7, 9, 2] and joined[INPUT_IDS].tolist()[3] == [7, 8]
+    assert concat_batches(None, second) is second and concat_batches(first, None) is first
+    assert concat_batches(take_rows(first, []), second) is second  # an empty side is skipped
+    rows = take_rows(joined, np.array([3, 0]))
+    assert rows[EXAMPLE_ID].tolist() == [2, 4] and rows[INPUT_IDS].tolist() == [[7, 8], [1, 2]]
+    head, rest = split_batch(joined, 3)
+    assert head[EXAMPLE_ID].tolist() == [4, 7, 9] and rest[EXAMPLE_ID].tolist() == [2]
+    head, rest = split_batch(joined, 4)
+    assert head[INPUT_IDS].shape == (4, 2) and rest is None
 
 
 # --------------------------------------------------------------------------- selectors on hand-made candidates
@@ -283,6 +303,37 @@ def test_a_missing_or_malformed_irreducible_file_names_the_fix(tmp_path):
     assert table.shape == (1, 5) and sidecar["passes"] == 1
 
 
+def test_written_losses_load_back_with_a_sealed_sidecar(tmp_path):
+    fields = {"examples": _fingerprint(), "passes": 1, "mean_loss": 2.0}
+    one = np.arange(5, dtype=np.float32)[None, :]
+    sidecar = write_irreducible_losses(tmp_path / "deep" / "one.npy", one, fields)
+    assert np.load(tmp_path / "deep" / "one.npy").shape == (5,)  # one pass: (examples,)
+    assert list(sidecar) == ["format", "examples", "passes", "mean_loss", "losses_sha256", "sha256"]
+    assert json.loads(sidecar_path(tmp_path / "deep" / "one.npy").read_text()) == sidecar
+    assert sidecar["losses_sha256"] == file_sha256(tmp_path / "deep" / "one.npy")
+    assert not list((tmp_path / "deep").glob("*.partial*"))
+    table, read = load_irreducible_losses(str(tmp_path / "deep" / "one.npy"), _fingerprint())
+    assert read == sidecar and table.tolist() == one.tolist()
+    two = np.stack([one[0], one[0] + 1])
+    write_irreducible_losses(tmp_path / "two.npy", two, {**fields, "passes": 2})
+    table, _ = load_irreducible_losses(str(tmp_path / "two.npy"), _fingerprint())
+    assert table.shape == (2, 5) and table.tolist() == two.tolist()
+
+
+def test_the_names_batch_selection_held_before_the_split_still_import():
+    import callbacks.batch_selection as old
+    import callbacks.rho_loss
+    import core.irreducible_losses
+
+    assert old.SelectiveBackprop is SelectiveBackprop and old.RhoLoss is RhoLoss
+    assert old.score_training_examples is score_training_examples
+    assert old.load_irreducible_model is callbacks.rho_loss.load_irreducible_model
+    assert old.load_irreducible_losses is load_irreducible_losses and old.sidecar_path is sidecar_path
+    assert old.IRREDUCIBLE_FORMAT == core.irreducible_losses.IRREDUCIBLE_FORMAT == "irreducible-losses/1"
+    with pytest.raises(AttributeError, match="no attribute 'Selection'"):
+        _ = old.Selection
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -333,6 +384,24 @@ def test_charged_rst_equals_the_hand_sum_of_scored_and_trained_examples(corpus_f
     assert budget.spent_seconds >= 20 and budget.spent_seconds - 20 < 2.5 + 0.25 * sb.candidate_batches / steps * 3
     assert all(len(ids) == 8 for _, ids, _ in probe.records)
     assert len(probe.records) == 2 * steps
+
+
+def test_scoring_reports_the_checkpoint_budget_and_prices_its_forwards_with_the_clock_table(corpus_file, tmp_path):
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(seal({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 8,
+                                      "fwd_bwd_seconds": [1.0, 1.0], "fwd_seconds": [0.25, 0.25],
+                                      "optimizer_step_seconds": {"AdamW": 0.5}})))
+    budget = RSTBudget(budget="5s", table=str(table))
+    trainer, model, _ = _fit(tmp_path, corpus_file, SelectiveBackprop(beta=1.0, history=64), budget=budget)
+    checkpoint = tmp_path / "irreducible.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    data = MLMDataModule(**tiny_mlm_data_args(corpus_file, batch_size=8))
+    sidecar = score_training_examples(trainer, model, data, checkpoint, tmp_path / "il.npy", batch_size=16)
+    count = sidecar["examples"]["num_examples"]
+    assert count == len(data.splits["train"]) and np.load(tmp_path / "il.npy").shape == (count,)
+    assert sidecar["costs"]["training_rst_seconds"] == budget.spent_seconds >= 5
+    assert sidecar["costs"]["scoring_rst_seconds"] == pytest.approx(count / 8 * 0.25)  # forward-only, 2 layers
+    assert sidecar["costs"]["cost_table"] == str(table) and sidecar["active_layers"] == 2
 
 
 def test_a_wall_clock_budget_counts_the_scoring_time(corpus_file, tmp_path):

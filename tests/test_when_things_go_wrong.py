@@ -65,7 +65,7 @@ def trained(corpus_file, tmp_path_factory):
 def _rho(tmp_path: Path, losses: Path) -> Path:
     path = tmp_path / "rho.yaml"
     path.write_text(yaml.safe_dump({"data": {"init_args": {"holdout_fraction": 0.2}}, "trainer": {"callbacks+": [
-        {"class_path": "callbacks.batch_selection.RhoLoss", "init_args": {"irreducible_losses": str(losses)}}]}}))
+        {"class_path": "callbacks.rho_loss.RhoLoss", "init_args": {"irreducible_losses": str(losses)}}]}}))
     return path
 
 
