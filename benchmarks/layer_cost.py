@@ -7,7 +7,7 @@ each, the least-squares line through the forward+backward times, the fixed share
 worst relative deviation from the line, and t(k) / t(L) against the naive k / L.
 
     python train.py calibrate --config configs/bert/demo.yaml --output /tmp/bert-demo.json
-    python benchmarks/layer_cost.py /tmp/bert-demo.json configs/rst/bert-paper.json
+    python benchmarks/layer_cost.py /tmp/bert-demo.json configs/rst/bert-paper.json   # or python -m benchmarks.layer_cost
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ def report(path: str) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
+def main(argv: list[str] | None = None) -> None:
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
         raise SystemExit(__doc__)
-    print("\n\n".join(report(p) for p in sys.argv[1:]))
+    print("\n\n".join(report(path) for path in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ same layer):
 0. ``core`` (no Lightning);
 1. ``lightning_modules``, ``datamodules``;
 2. ``callbacks``;
-3. the CLI's Lightning layer: ``cli.lightning_cli``, ``cli.run_folder``, ``cli.summary``;
+3. the CLI's Lightning layer: ``cli.lightning_cli``, ``cli.run_folder``, ``cli.summary``, ``cli.calibration``;
 4. ``studies``, ``benchmarks``;
 5. the command modules: ``cli.commands.*``, the command table ``cli.__main__`` and ``cli`` itself;
 6. ``train.py``, which nothing imports.
@@ -29,7 +29,7 @@ LAYERS = [  # (module-name pattern, layer)
     (r"core(\..*)?", 0),
     (r"(lightning_modules|datamodules)(\..*)?", 1),
     (r"callbacks(\..*)?", 2),
-    (r"cli\.(lightning_cli|run_folder|summary)", 3),
+    (r"cli\.(lightning_cli|run_folder|summary|calibration)", 3),
     (r"(studies|benchmarks)(\..*)?", 4),
     (r"cli(\.commands(\..*)?|\.__main__)?", 5),
     (r"train", 6),
