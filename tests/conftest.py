@@ -20,3 +20,10 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", documents=400)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a DDP process group is slow too: ``-m "not slow"`` (the fast tier) leaves it out."""
+    for item in items:
+        if item.get_closest_marker("ddp") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)

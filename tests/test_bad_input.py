@@ -23,14 +23,14 @@ def _assert_clean_cache(cache):
         (["--data.corpus.data_files", "/nonexistent/corpus-*.txt"], "no file matches data.corpus.data_files='/nonexistent/corpus-*.txt'"),
     ],
 )
-def test_bad_settings(override, message, corpus_file, tmp_path, capsys, private_cache):
+def test_a_setting_that_cannot_work_stops_with_one_line_and_leaves_no_cache(override, message, corpus_file, tmp_path, capsys, private_cache):
     code, err = run_until_exit(tiny_fit_args(corpus_file, tmp_path, *override), capsys)
     assert code == 2
     assert err[-1].startswith(f"error: {message}"), err
     _assert_clean_cache(private_cache)
 
 
-def test_empty_corpus(tmp_path, capsys, private_cache):
+def test_an_empty_or_blank_corpus_stops_with_one_line(tmp_path, capsys, private_cache):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     code, err = run_until_exit(tiny_fit_args(empty, tmp_path), capsys)
@@ -53,6 +53,7 @@ def test_corpus_smaller_than_one_batch(tmp_path, capsys, private_cache):
     assert not (tmp_path / "bert-demo").exists()  # nothing trained, nothing logged
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_one_line_and_exits_2(tmp_path, private_cache):
     result = subprocess.run(
         [sys.executable, "train.py", *tiny_fit_args(tmp_path / "missing.txt", tmp_path)],

@@ -5,7 +5,11 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # the whole module runs real fits / the benchmark
 
 
 def test_the_benchmark_runs_at_a_tiny_shape_and_writes_every_field(corpus_file, tmp_path):

@@ -44,6 +44,7 @@ def _compare(study: Path, out: Path, *extra: str) -> None:
     cli.main(["compare", "--study", str(study), "--output", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_a_tiny_study_writes_every_artefact_and_a_rerun_skips_finished_runs(corpus_file, tmp_path, capsys):
     evaluate = {"suite": "offline", "tasks": "reviews", "max_train_examples": 32, "max_eval_examples": 32, "epochs": 1}
     study = _study(tmp_path, corpus_file, BASELINE_AND_STACKING, evaluate=evaluate)
@@ -77,6 +78,7 @@ def test_a_tiny_study_writes_every_artefact_and_a_rerun_skips_finished_runs(corp
     assert {p: p.stat().st_mtime for p in logs} == logs  # nothing ran again
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_continues_from_its_last_checkpoint(corpus_file, tmp_path, capsys):
     study = _study(tmp_path, corpus_file, [{"name": "baseline"}], seeds=[0])
     out = tmp_path / "study"
@@ -98,6 +100,7 @@ def test_an_interrupted_run_continues_from_its_last_checkpoint(corpus_file, tmp_
     assert result["status"] == "done" and result["optimizer_steps"] == 8 and result["rst_spent_seconds"] == pytest.approx(8.0)
 
 
+@pytest.mark.slow
 def test_a_method_whose_runs_fail_is_reported_as_failed(corpus_file, tmp_path):
     methods = [{"name": "baseline"}, {"name": "broken", "overrides": {"model.init_args.num_heads": 3}}]
     study = _study(tmp_path, corpus_file, methods, seeds=[0])
@@ -136,6 +139,7 @@ def test_bad_study_files_are_refused_in_one_line_before_any_run(corpus_file, tmp
         assert not (out / "runs").exists()
 
 
+@pytest.mark.slow
 def test_the_shipped_studies_resolve_every_run():
     from studies.study import load_study, resolved_config
 

@@ -1,10 +1,13 @@
 """``compile_blocks``: the compiled model trains as the eager one, and layer changes do not recompile."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from helpers import tiny_bert_args
 from lightning_modules.bert_mlm import BertMLM
+
+pytestmark = pytest.mark.slow  # the whole module runs real fits / the benchmark
 
 
 def _batch(seed: int) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ def _quoted_plans(config: str) -> list[tuple[str | None, int, list[int] | None]]
     return quoted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_step_counts_in_config_comments_are_what_plan_says(config, capsys):
     quoted = _quoted_plans(config)
@@ -53,6 +54,7 @@ def test_step_counts_in_config_comments_are_what_plan_says(config, capsys):
             assert [p["optimizer_steps"] for p in plan["phases"]] == phases, (config, plan["phases"])
 
 
+@pytest.mark.slow
 def test_step_counts_in_the_config_table_of_docs_usage_are_what_plan_says(capsys):
     rows = re.findall(r"^\| `(configs/[\w/.-]+\.yaml)` \|.*\(([\d,]+) steps\)", doc("usage.md"), re.M)
     assert len(rows) >= 4, rows  # the demos and the baselines
@@ -60,6 +62,7 @@ def test_step_counts_in_the_config_table_of_docs_usage_are_what_plan_says(capsys
         assert _plan(capsys, config)["optimizer_steps"] == _number(steps), config
 
 
+@pytest.mark.slow
 def test_step_counts_of_the_stacking_paragraph_of_docs_methods_are_what_plan_says(capsys):
     methods = doc("methods.md")
     for family in ("bert", "t5"):

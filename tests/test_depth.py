@@ -30,7 +30,7 @@ from lightning_modules.t5_span_corruption import T5SpanCorruption
 # --------------------------------------------------------------------------- the maths
 
 
-def test_stacking_depth_schedule():
+def test_stacking_doubles_the_depth_exactly_at_its_fractions():
     assert [depth_at(t, 4, [0.125, 0.3]) for t in (0.0, 0.1249, 0.125, 0.2999, 0.3, 1.0)] == [4, 4, 8, 8, 16, 16]
 
 
@@ -150,6 +150,7 @@ def test_new_layers_start_with_fresh_or_copied_optimizer_state(corpus_file, tmp_
         assert int(optimizer.state[target]["step"]) == (11 if copy_state else 5)
 
 
+@pytest.mark.slow
 def test_dropping_is_fixed_within_a_step_shared_across_micro_batches_and_off_in_validation(corpus_file, tmp_path):
     dropping = LayerDropping(gamma_f=100.0, theta_bar=0.5, seed=3)
     trainer, model, probe = _fit(tmp_path, corpus_file, [dropping], max_steps=30, accumulate=2, num_layers=8)
@@ -166,6 +167,7 @@ def test_dropping_is_fixed_within_a_step_shared_across_micro_batches_and_off_in_
         assert list(next(iter(sets))) == dropping.draw(tau, step, 8)
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_stage_gives_the_same_next_losses(corpus_file, tmp_path):
     stacking = dict(initial_layers=1, fractions=[0.25, 0.5])
     _, _, full = _fit(tmp_path / "full", corpus_file, [LayerStacking(**stacking)], every=15)
@@ -189,6 +191,7 @@ def test_stacking_must_reach_the_model_depth(corpus_file, tmp_path):
         LayerStacking(initial_layers=1, fractions=[0.5, 0.25])
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_with_both_methods(corpus_file, tmp_path):
     for method in (LayerStacking(initial_layers=1, fractions=[0.25, 0.5]), LayerDropping(gamma_f=100.0)):
         _, model, probe = _fit(tmp_path / type(method).__name__, corpus_file, [method], max_steps=20,
@@ -215,6 +218,7 @@ def _budget_overlay(tmp_path, method: dict) -> str:
     {"class_path": "callbacks.stacking.LayerStacking", "init_args": {"initial_layers": 1, "fractions": [0.125, 0.3]}},
     {"class_path": "callbacks.layer_dropping.LayerDropping", "init_args": {"gamma_f": 20.0, "seed": 5}},
 ])
+@pytest.mark.slow
 def test_plan_predicts_the_steps_the_run_takes(method, corpus_file, tmp_path, capsys, caplog):
     args = tiny_fit_args(corpus_file, tmp_path, "--config", _budget_overlay(tmp_path, method),
                          "--model.num_layers", "4")
@@ -244,6 +248,7 @@ def test_plan_predicts_the_steps_the_run_takes(method, corpus_file, tmp_path, ca
     assert table.seconds(ledger) == pytest.approx(plan["rst_seconds"])
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_two_ddp_processes_drop_the_same_layers(corpus_file, tmp_path):
     probe = {"class_path": "ddp_probe.RecordActiveLayers", "init_args": {"directory": str(tmp_path / "records")}}
@@ -282,6 +287,7 @@ def test_ddp_without_unused_parameter_search_is_refused(corpus_file, tmp_path):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["stacking", "dropping"])
 def test_both_methods_train_t5_encoder_and_decoder_alike(method, corpus_file, tmp_path):
     from datamodules import SpanCorruptionDataModule
@@ -311,7 +317,7 @@ def test_both_methods_train_t5_encoder_and_decoder_alike(method, corpus_file, tm
     ("bert", "stacking", 46824, [(4, 13830), (8, 10624), (16, 22370)]),  # paper's arithmetic: 13,829 / 10,624 / 22,370
     ("t5", "stacking", 123880, [(3, 37114), (6, 28104), (12, 58662)]),  # paper's arithmetic: 37.1k / 28.1k / 58.7k
 ])
-def test_paper_scale_stacking_plans(model, method, steps, phases, capsys):
+def test_paper_scale_stacking_plans_give_the_pinned_steps_per_phase(model, method, steps, phases, capsys):
     cli.main(["plan", "--config", str(ROOT / f"configs/{model}/baseline.yaml"),
                 "--config", str(ROOT / f"configs/{model}/{method}.yaml")])
     plan = json.loads(capsys.readouterr().out)
@@ -319,6 +325,7 @@ def test_paper_scale_stacking_plans(model, method, steps, phases, capsys):
     assert [(p["active_layers"], p["optimizer_steps"]) for p in plan["phases"]] == phases
 
 
+@pytest.mark.slow
 def test_paper_scale_dropping_plan_runs_about_a_third_more_steps(capsys):
     cli.main(["plan", "--config", str(ROOT / "configs/bert/baseline.yaml"),
                 "--config", str(ROOT / "configs/bert/dropping.yaml"), "--budget", "6h"])

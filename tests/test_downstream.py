@@ -38,6 +38,7 @@ def runs(tmp_path_factory):
 
 
 # ----- export -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bert_export_loads_with_auto_classes_and_gives_the_modules_logits(runs, tmp_path, capsys):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -160,6 +161,7 @@ def test_glue_local_files_are_read_in_the_hubs_schema(tmp_path):
     assert pairs["validation"][0] == {"text_a": "a b", "text_b": "c d", "label": 1}
 
 
+@pytest.mark.slow
 def test_a_tiny_fine_tune_beats_chance_and_reports_the_last_epoch(runs, tmp_path, capsys):
     data = _easy_task(tmp_path / "glue")
     output = tmp_path / "glue.json"

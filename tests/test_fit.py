@@ -9,6 +9,7 @@ import cli
 from helpers import scalars, tiny_fit_args
 
 
+@pytest.mark.slow
 def test_fit_loss_falls_and_tensorboard_holds_the_curves(corpus_file, tmp_path, capsys):
     cli.main(tiny_fit_args(corpus_file, tmp_path))
     summary = capsys.readouterr().out.strip().splitlines()[-1]

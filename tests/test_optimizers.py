@@ -252,6 +252,7 @@ def _fit(tmp_path, corpus, name, **kwargs):
     return fit_tiny_bert(tmp_path, corpus, _optimizer(name), **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_tiny_fit_lowers_the_loss_and_a_resume_continues_identically(name, corpus_file, tmp_path):
     _, model, full = _fit(tmp_path / "full", corpus_file, name, every=8)
@@ -353,6 +354,7 @@ def test_plan_charges_sophias_hessian_passes_on_the_bert_table(capsys):
     assert plan["hessian_rst_seconds"] == pytest.approx(plan["optimizer_steps"] // 10 * 6 * table.fwd_bwd(16), rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_two_ddp_processes_keep_identical_replicas_with_sophia(corpus_file, tmp_path):
     import os

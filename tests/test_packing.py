@@ -108,6 +108,7 @@ def test_a_given_tokenizer_must_exist_and_fit(corpus_file, tmp_path):
     assert not any((tmp_path / "b" / "packed").iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_packed_sequences_do_not_depend_on_the_number_of_processes(tmp_path):
     """Packing works in blocks of documents fixed by index, so ``num_proc`` cannot move a block boundary."""
     from helpers import make_corpus

@@ -53,7 +53,7 @@ def anchors(page: Path) -> set[str]:
     return names
 
 
-def test_slugs_are_githubs():
+def test_heading_anchors_are_made_as_github_makes_them():
     assert slug("Reference System Time (RST)") == "reference-system-time-rst"
     assert slug("Comparing methods: `train.py compare`") == "comparing-methods-trainpy-compare"
     assert slug("Pre-emption, resuming and bad numbers") == "pre-emption-resuming-and-bad-numbers"

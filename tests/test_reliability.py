@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import cli
+from cli.summary import read_summary
 from core.cost_table import CostTable
 from helpers import ROOT, tiny_fit_args
 
@@ -108,6 +109,27 @@ def irreducible_losses(corpus_file, tmp_path_factory):
     return losses
 
 
+def _outcome(log_dir: Path) -> tuple:
+    """What two runs that should agree must agree on, from the ``summary.json`` a fit writes: status, steps, tokens,
+    RST (to the microsecond: a resumed clock adds its offset in another order) and the final validation loss (to
+    the 4 decimals the summary line prints)."""
+    summary = read_summary(log_dir)
+    return (summary.status, summary.optimizer_steps, summary.tokens, round(summary.rst_seconds, 6),
+            round(summary.val_loss, 4))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_baseline(corpus_file, tmp_path_factory) -> tuple[tuple, dict[int, dict]]:
+    """The baseline run the kill and the SIGTERM tests compare with, run once: its outcome and its steps.
+
+    Each test asks for it after starting its own interrupted process, so that the two overlap."""
+    full_dir = tmp_path_factory.mktemp("uninterrupted")
+    full = _overlay(full_dir, _probe("RecordSteps", directory=str(full_dir / "steps")))
+    cli.main(_args(corpus_file, full_dir, full))
+    return _outcome(full_dir / "bert-demo" / "version_0"), _steps(full_dir / "steps")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(method, corpus_file, tmp_path, capsys,
                                                                               request):
@@ -124,46 +146,50 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
     kill = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")),
                     _probe("SignalAt", step=6, micro_batch=1, signal="SIGKILL"), budget=budget)
     process = _start(_args(corpus_file, killed_dir, kill, *extra))
-    full = _overlay(full_dir, *callbacks, _probe("RecordSteps", directory=str(full_dir / "steps")), budget=budget)
-    cli.main(_args(corpus_file, full_dir, full, *extra))  # the uninterrupted run, meanwhile
-    uninterrupted = _final_line(capsys.readouterr().out)
-    assert int(uninterrupted.split()[1]) >= 7  # "done: N steps, ..."
+    if method == "baseline":  # the uninterrupted run, meanwhile (shared with the SIGTERM test)
+        uninterrupted, full_steps = request.getfixturevalue("uninterrupted_baseline")
+    else:
+        full = _overlay(full_dir, *callbacks, _probe("RecordSteps", directory=str(full_dir / "steps")), budget=budget)
+        cli.main(_args(corpus_file, full_dir, full, *extra))
+        uninterrupted, full_steps = _outcome(full_dir / "bert-demo" / "version_0"), _steps(full_dir / "steps")
+    assert uninterrupted[0] == "finished" and uninterrupted[1] >= 7
 
     killed = _finish(process)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert max(_steps(killed_dir / "steps")) == 5
     saved = torch.load(killed_dir / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     # RunCheckpoint every 7 RST-s: the last step before the kill at which the RST crossed a multiple of 7
-    full_steps = _steps(full_dir / "steps")
     crossings = [s for s in range(1, 6) if full_steps[s]["rst"] // 7 > (full_steps[s - 1]["rst"] if s > 1 else 0) // 7]
     assert crossings and saved["global_step"] == crossings[-1]
     resume = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")), budget=budget)
+    capsys.readouterr()
     cli.main(_args(corpus_file, killed_dir, resume, *extra, "--ckpt_path", "last"))
     captured = capsys.readouterr()
-    assert _final_line(captured.out) == uninterrupted
+    assert _outcome(killed_dir / "bert-demo" / "version_0") == uninterrupted
     assert "resuming from " in captured.err and f"{os.sep}version_0{os.sep}checkpoints{os.sep}last.ckpt" in captured.err
-    _assert_same_from(saved["global_step"], _steps(killed_dir / "steps"), _steps(full_dir / "steps"))
+    _assert_same_from(saved["global_step"], _steps(killed_dir / "steps"), full_steps)
     assert sorted(p.name for p in (killed_dir / "bert-demo").iterdir()) == ["version_0"]  # the resumed run logs where the killed one did
 
 
-def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus_file, tmp_path, capsys):
-    full_dir, stopped_dir = tmp_path / "full", tmp_path / "stopped"
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus_file, tmp_path, capsys, request):
+    stopped_dir = tmp_path / "stopped"
     term = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")),
                     _probe("SignalAt", step=6, micro_batch=0, signal="SIGTERM"))
     process = _start(_args(corpus_file, stopped_dir, term))
-    full = _overlay(full_dir, _probe("RecordSteps", directory=str(full_dir / "steps")))
-    cli.main(_args(corpus_file, full_dir, full))
-    uninterrupted = _final_line(capsys.readouterr().out)
+    uninterrupted, full_steps = request.getfixturevalue("uninterrupted_baseline")  # meanwhile, if not run yet
     stopped = _finish(process)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "SIGTERM: saved " in stopped.stderr and "at optimizer step 6; continue with --ckpt_path last" in stopped.stderr
     assert "pre-empted: stopped by SIGTERM at optimizer step 6" in stopped.stdout and "done:" not in stopped.stdout
     last = stopped_dir / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 6  # the step in progress finished, then saved
+    preempted = read_summary(stopped_dir / "bert-demo" / "version_0")
+    assert (preempted.status, preempted.optimizer_steps, preempted.checkpoint) == ("preempted", 6, str(last))
     resume = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")))
     cli.main(_args(corpus_file, stopped_dir, resume, "--ckpt_path", "last"))
-    assert _final_line(capsys.readouterr().out) == uninterrupted
-    _assert_same_from(6, _steps(stopped_dir / "steps"), _steps(full_dir / "steps"))
+    assert _outcome(stopped_dir / "bert-demo" / "version_0") == uninterrupted
+    _assert_same_from(6, _steps(stopped_dir / "steps"), full_steps)
 
 
 # --------------------------------------------------------------------------- checkpoint files
@@ -203,6 +229,7 @@ def test_last_is_the_newest_checkpoint_of_any_version_and_a_damaged_one_is_named
     assert [claim_version(tmp_path) for _ in range(2)] == ["version_2", "version_3"]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_stops_fit_before_any_work(corpus_file, tmp_path, capsys):
     out = tmp_path / "runs"
     cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3"))
@@ -234,6 +261,7 @@ class _FailingSaves:
         raise OSError("No space left on device")
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(corpus_file, tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import Callback
 
@@ -265,6 +293,7 @@ def _with_probes(tmp_path: Path, *probes: dict) -> Path:
     return overlay
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["gradient", "loss"])
 def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(where, corpus_file,
                                                                                            tmp_path, capsys):
@@ -282,6 +311,7 @@ def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good
     assert state["global_step"] == 10 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_skip_drops_the_step_counts_it_and_continues(corpus_file, tmp_path, capsys):
     from helpers import scalars
 
@@ -305,6 +335,7 @@ def test_skip_drops_the_step_counts_it_and_continues(corpus_file, tmp_path, caps
 # --------------------------------------------------------------------------- runs side by side
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_build_the_cache_once_and_log_to_separate_versions(tmp_path):
     from helpers import make_corpus
 
@@ -336,6 +367,7 @@ def test_two_runs_started_together_build_the_cache_once_and_log_to_separate_vers
 # --------------------------------------------------------------------------- ranks
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_two_processes_train_like_one_and_take_every_decision_together(corpus_file, tmp_path, capsys):
     """Layer stacking under an RST budget, 1 process x 2 micro-batches of 16 per step or 2 processes x 1
@@ -376,6 +408,7 @@ def test_two_processes_train_like_one_and_take_every_decision_together(corpus_fi
         assert replicas[0]["parameters"][name] == pytest.approx(value, rel=1e-4, abs=1e-4), name
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_a_rank_that_raises_ends_every_rank_with_its_error(corpus_file, tmp_path):
     overlay = tmp_path / "raise.yaml"
@@ -395,6 +428,7 @@ def test_a_rank_that_raises_ends_every_rank_with_its_error(corpus_file, tmp_path
     ("bert-paper.json", 4096, "AdamW", True),  # BERT, 24 h, stacking 4 -> 8 -> 16 layers: about 17,600 steps
     ("t5-paper.json", 144, "AdamWScale", False),  # T5, 24 h: about 84,000 steps
 ])
+@pytest.mark.slow
 def test_a_paper_scale_budget_sums_without_drift_and_the_lr_ends_at_exactly_zero(table_file, examples_per_step,
                                                                                   optimizer, stacking):
     """A paper budget step by step through the ledger and the clock (no model), resumed twice from its saved
@@ -486,6 +520,7 @@ def test_an_edited_sidecar_or_a_replaced_loss_file_is_refused(irreducible_losses
         load_irreducible_losses(str(losses), expected)
 
 
+@pytest.mark.slow
 def test_checkpoints_load_as_weights_only_and_one_that_needs_more_is_refused_with_the_way_out(corpus_file, tmp_path,
                                                                                                capsys):
     from fractions import Fraction

@@ -23,7 +23,7 @@ from helpers import ROOT, scalars, tiny_fit_args
 # --------------------------------------------------------------------------- pure arithmetic
 
 
-def test_parse_duration():
+def test_durations_parse_seconds_minutes_hours_and_their_sums():
     assert parse_duration("90s") == 90
     assert parse_duration("30m") == 1800
     assert parse_duration("24h") == 86400
@@ -91,7 +91,7 @@ def test_table_entries_that_cannot_price_the_work_are_named():
         CostTable.from_dict({"format": "v0"})
 
 
-def test_tables_round_trip_atomically(tmp_path):
+def test_a_saved_table_loads_back_equal_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "t" / "table.json"
     _table().save(path)
     assert CostTable.load(path).to_dict() == _table().to_dict()
@@ -154,7 +154,7 @@ def test_plan_command_on_the_paper_baseline_config(capsys):
     assert [p["active_layers"] for p in plan["phases"]] == [16]
 
 
-def test_budget_argument_errors():
+def test_a_budget_without_a_table_a_missing_table_or_an_unreadable_duration_is_refused():
     with pytest.raises(UserError, match="needs table=PATH"):
         RSTBudget(budget="1h")
     with pytest.raises(UserError, match="does not exist"):
@@ -200,6 +200,7 @@ def _fit_with_budget(corpus, out, config, *extra):
     return scalars(out / "bert-demo" / "version_0")
 
 
+@pytest.mark.slow
 def test_run_stops_at_the_budget_and_plan_predicts_it(corpus_file, tmp_path, capsys, caplog):
     config = _write_budget_config(tmp_path, "20.1s", _table(**TINY_TABLE))
     cli.main(["plan", *tiny_fit_args(corpus_file, tmp_path, "--config", str(config),
@@ -223,6 +224,7 @@ def test_run_stops_at_the_budget_and_plan_predicts_it(corpus_file, tmp_path, cap
     assert [g["lr"] for g in last["optimizer_states"][0]["param_groups"]] == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_resume_mid_budget_continues_with_the_same_rst_lr_step_and_losses(corpus_file, tmp_path, caplog):
     table = _table(**TINY_TABLE)
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
@@ -247,6 +249,7 @@ def test_resume_mid_budget_continues_with_the_same_rst_lr_step_and_losses(corpus
             assert value == pytest.approx(after[step], rel=1e-5), (tag, step)
 
 
+@pytest.mark.slow
 def test_same_steps_and_loss_curve_with_one_or_two_threads(corpus_file, tmp_path, capsys):
     curves = []
     threads = torch.get_num_threads()
@@ -266,6 +269,7 @@ def test_same_steps_and_loss_curve_with_one_or_two_threads(corpus_file, tmp_path
     assert [v for _, v in val_1] == pytest.approx([v for _, v in val_2], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_wall_mode_uses_measured_time(corpus_file, tmp_path, caplog):
     config = _write_budget_config(tmp_path, "2s", None, mode="wall")
     scalars = _fit_with_budget(corpus_file, tmp_path, config)
@@ -311,6 +315,7 @@ def test_the_demo_config_runs_on_its_rst_budget(capsys):
     assert plan["optimizer_steps"] == math.ceil(150 / per_step)
 
 
+@pytest.mark.slow
 def test_a_resume_just_before_the_budget_ends_stops_at_the_same_step(corpus_file, tmp_path, caplog):
     table = _table(**TINY_TABLE)  # 2.25 s per optimizer step of 2 micro-batches
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
@@ -351,6 +356,7 @@ def test_budget_account_resumes_only_what_it_can_continue_correctly():
     assert BudgetAccount(30.0, "wall").resume(None, step=0, work_before=None) == "RST budget starts at 0"
 
 
+@pytest.mark.slow
 def test_resuming_in_another_mode_is_refused(corpus_file, tmp_path, capsys):
     config = _write_budget_config(tmp_path, "20s", _table(**TINY_TABLE), every=2)
     _fit_with_budget(corpus_file, tmp_path, config)
@@ -366,6 +372,7 @@ def test_resuming_in_another_mode_is_refused(corpus_file, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_adding_a_budget_to_a_run_that_had_none_prices_the_work_done(corpus_file, tmp_path, caplog):
     first = tmp_path / "first"
     cli.main(tiny_fit_args(corpus_file, first, "--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "2"))
@@ -381,6 +388,7 @@ def test_adding_a_budget_to_a_run_that_had_none_prices_the_work_done(corpus_file
     assert dict(curves["rst/seconds"])[4] == pytest.approx(9.0 + 2.25)
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_tokens_stay_right_after_resuming_on_more_processes(corpus_file, tmp_path, capsys):
     """1 process for 3 steps, then 2 processes for 3 more: 3 x 16 + 3 x 2 x 16 sequences of 32 tokens."""

