@@ -34,6 +34,7 @@ __all__ = [
     "DepthSchedule",
     "EstimatesHessian",
     "LayerControl",
+    "ModalOptimizer",
     "PerExampleLoss",
 ]
 
@@ -96,6 +97,15 @@ class EstimatesHessian(Protocol):
     def set_batch_positions(self, positions: Any) -> None: ...
 
     def update_hessian(self) -> None: ...
+
+
+@runtime_checkable
+class ModalOptimizer(Protocol):
+    """An optimizer whose parameters differ between training and evaluation (schedule-free methods)."""
+
+    def train(self) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 class BudgetClock(ABC):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
+from typing_extensions import override
 
 from core.batch import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, LABELS
 from core.errors import UserError
@@ -128,6 +129,7 @@ class BertMLM(PretrainingModule):
         """Vocabulary logits ``(M, V)`` at the masked positions (what the loss uses; Sophia samples there)."""
         return self.masked_logits(batch)[0]
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Dense MLM logits ``(B, T, V)`` at every position (what the exported model returns)."""
         return self.model.lm_head(self.encode(input_ids, attention_mask))

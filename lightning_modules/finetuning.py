@@ -24,6 +24,7 @@ import lightning as L
 import torch
 import torchmetrics
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
 
 from core.errors import UserError
 from lightning_modules.schedules import SCHEDULES
@@ -89,6 +90,7 @@ class _Finetuning(L.LightningModule):
         self.eval_splits = tuple(eval_splits)
         self.epoch_scores: list[dict[str, float]] = []
 
+    @override
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.learning_rate, betas=self.betas, eps=self.eps,
                                       weight_decay=self.weight_decay)
@@ -137,10 +139,12 @@ class SequenceClassifier(_Finetuning):
         self.model.train()  # from_pretrained returns eval mode and Lightning keeps a module's mode: dropout would stay off
         self.metrics = torch.nn.ModuleList([build_metrics(metrics, num_labels) for _ in self.eval_splits])
 
+    @override
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch.get("labels"))
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.regression:
             batch = {**batch, "labels": batch["labels"].float()}
@@ -148,12 +152,14 @@ class SequenceClassifier(_Finetuning):
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         predictions = logits.squeeze(-1) if self.regression else logits.argmax(-1)
         labels = batch["labels"].float() if self.regression else batch["labels"]
         self.metrics[dataloader_idx].update(predictions, labels)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             for collection in self.metrics:
@@ -199,6 +205,7 @@ class TextToText(_Finetuning):
         self.rouge = torch.nn.ModuleList([ROUGEScore(rouge_keys="rougeL", use_stemmer=False) for _ in self.eval_splits])
         self.generations: dict[str, list[str]] = {}
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
@@ -210,6 +217,7 @@ class TextToText(_Finetuning):
                                      max_new_tokens=self.max_new_tokens)
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         split = self.eval_splits[dataloader_idx]
         texts = self.generate(batch["input_ids"], batch["attention_mask"])
@@ -221,6 +229,7 @@ class TextToText(_Finetuning):
         self.generations.setdefault(split, []).extend(texts)
         self.rouge[dataloader_idx].update(texts, targets)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         scores = {}
         for split, rouge in zip(self.eval_splits, self.rouge, strict=True):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from abc import ABCMeta, abstractmethod
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -25,58 +25,19 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from core.batch import INPUT_IDS
-from core.contracts import BudgetClock, DepthSchedule, EstimatesHessian
+from core.contracts import BudgetClock, DepthSchedule, EstimatesHessian, ModalOptimizer
 from core.errors import UserError
 from core.host_memory import retain_freed_memory
 from core.ledger import WorkLedger
 from lightning_modules.layer_control import LayerControlMixin
 from lightning_modules.optimizers import MuonWithAdamW
+from lightning_modules.parameter_groups import muon_parameter_groups, parameter_groups
 from lightning_modules.schedules import LRSchedule, ScheduleName
 
-__all__ = ["ModalOptimizer", "PretrainingModule", "muon_parameter_groups", "parameter_groups"]
-
-
-@runtime_checkable
-class ModalOptimizer(Protocol):
-    """An optimizer whose parameters differ between training and evaluation (schedule-free methods)."""
-
-    def train(self) -> Any: ...
-
-    def eval(self) -> Any: ...
-
-
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two named groups: ``decay`` (matrices and embeddings) and ``no_decay`` (biases and norm gains).
-
-    Every parameter with fewer than two dimensions is a bias or a normalisation weight. The paper's
-    code decayed LayerNorm gains through a key-name mismatch (docs/paper.md, "Departures"); we do not.
-    The names label the learning-rate curves in TensorBoard (``lr/decay``, ``lr/no_decay``).
-    """
-    decay, no_decay = [], []
-    for parameter in module.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-
-
-def muon_parameter_groups(module: PretrainingModule, weight_decay: float) -> list[dict[str, Any]]:
-    """Muon's group (``"muon": True``): the weights of the ``nn.Linear`` layers inside the repeated blocks;
-    then ``parameter_groups`` of everything else (embeddings, output head, biases, norms: AdamW)."""
-    hidden = [
-        layer.weight
-        for stack in module.layer_stacks()
-        for layer in stack.modules()
-        if isinstance(layer, torch.nn.Linear) and layer.weight.requires_grad
-    ]
-    hidden_ids = {id(p) for p in hidden}
-    rest = torch.nn.ParameterList([p for p in module.parameters() if id(p) not in hidden_ids])
-    return [{"params": hidden, "weight_decay": weight_decay, "name": "muon", "muon": True},
-            *parameter_groups(rest, weight_decay)]
+__all__ = ["PretrainingModule"]
 
 
 class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta):
@@ -168,6 +129,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         """Tokens the model reads from ``batch`` (for throughput)."""
         return int(batch[INPUT_IDS].numel())
 
+    @override
     def setup(self, stage: str) -> None:
         self.prepare_for_steps(self.device, str(self.trainer.precision))
 
@@ -225,6 +187,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
             return self.optimizer_factory(muon_parameter_groups(self, weight_decay))
         return self.optimizer_factory(parameter_groups(self, weight_decay))
 
+    @override
     def configure_optimizers(self):
         if self.lr_schedule.name != "constant" and not self._has_budget():
             raise UserError(
@@ -240,6 +203,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         schedule = LambdaLR(optimizer, lambda _: self.lr_schedule(self.budget_progress()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
+    @override
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """Bring the budget clock up to date (a collective, on every rank alike) before the schedule reads tau."""
         clock = self.budget_clock()
@@ -247,6 +211,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
             clock.sync(self.trainer, self)
         super().lr_scheduler_step(scheduler, metric)
 
+    @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
         if isinstance(optimizer, EstimatesHessian):  # bs: the loss positions of this step on every process
@@ -262,6 +227,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         optimizer = trainer.optimizers[0]
         return optimizer if isinstance(optimizer, EstimatesHessian) else None
 
+    @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step; then, every ``hessian_interval``-th step, Sophia's Hessian estimate on that step's
         micro-batches, before the budget clock is synced, so the step is charged with its estimate."""
@@ -320,6 +286,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         return self.work_before + self.work_ledger.global_work(world_size)
 
     # ----- steps --------------------------------------------------------------------------------
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
         estimator = self._hessian_estimator()
@@ -335,10 +302,12 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         self._tokens_in_window += self.tokens_in(batch)
         return loss
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._window_start is None:
             self._window_start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log Sophia's win rate and tokens/s of the whole run, averaged over each logging interval (no device
         synchronisation).
@@ -360,6 +329,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
             self.log("perf/tokens_per_second", tokens / (now - self._window_start), on_step=True, on_epoch=False)
         self._tokens_in_window, self._window_start = 0, now
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
         self.val_loss_mean.update(loss.detach(), weight=torch.as_tensor(targets, dtype=torch.float32, device=loss.device))
@@ -372,27 +342,32 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         optimizers = trainer.optimizers if trainer is not None else []
         return optimizers[0] if optimizers and isinstance(optimizers[0], ModalOptimizer) else None
 
+    @override
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()
         optimizer = self._modal_optimizer()
         if optimizer is not None:
             optimizer.eval()  # evaluate the averaged weights
 
+    @override
     def on_validation_model_train(self) -> None:
         super().on_validation_model_train()
         optimizer = self._modal_optimizer()
         if optimizer is not None and self.trainer.state.fn == "fit":
             optimizer.train()
 
+    @override
     def on_train_start(self) -> None:
         optimizer = self._modal_optimizer()
         if optimizer is not None:
             optimizer.train()  # a checkpoint holds eval-mode weights: back to the training iterate
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._tokens_in_window, self._window_start = 0, None  # validation time is not training throughput
 
     # ----- checkpoint ---------------------------------------------------------------------------
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         optimizer = self._modal_optimizer()
         if optimizer is not None and "optimizer_states" in checkpoint:  # store the eval-mode (averaged) weights
@@ -409,6 +384,7 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         )
         checkpoint["active_layers"] = None if transient else list(self.active_layers)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.work_before = WorkLedger(checkpoint.get("work_ledger", {}))
         self.work_ledger = WorkLedger()

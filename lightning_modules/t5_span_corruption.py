@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.activations import NewGELUActivation
+from typing_extensions import override
 
 from core.batch import IGNORE_INDEX, INPUT_IDS, LABELS
 from core.errors import UserError
@@ -179,6 +180,7 @@ class T5SpanCorruption(PretrainingModule):
         return self.weight_decay
 
     # ----- forward --------------------------------------------------------------------------------
+    @override
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``(B, T_target, V)`` with teacher forcing, computed with the active blocks only.
 

@@ -87,7 +87,7 @@ def test_training_step_charges_the_ledger_with_the_active_layers():
 
 
 def test_no_weight_decay_on_biases_and_norm_weights():
-    from lightning_modules.pretraining import parameter_groups
+    from lightning_modules.parameter_groups import parameter_groups
 
     model = _model()
     decay, no_decay = parameter_groups(model, 0.01)

@@ -159,3 +159,13 @@ def test_the_class_name_patterns_catch_what_they_are_for():
     missed = ['if __name__ == "__main__":', 'name.startswith("_")', 'path.endswith(".npy")']
     assert all(any(p.search(line) for p in CLASS_NAME_TESTS) for line in caught)
     assert not any(any(p.search(line) for p in CLASS_NAME_TESTS) for line in missed)
+
+
+def test_no_module_outside_the_tests_exceeds_400_lines():
+    long = {str(path.relative_to(ROOT)): n for path in MODULES.values() if (n := len(path.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_train_py_is_a_few_lines_that_run_the_cli():
+    text = (ROOT / "train.py").read_text()
+    assert len(text.splitlines()) < 30 and "from cli import main" in text

@@ -18,7 +18,7 @@ from datamodules import MLMDataModule
 from helpers import ROOT, fit_tiny_bert, tiny_bert_args, tiny_mlm_data_args
 from lightning_modules.bert_mlm import BertMLM
 from lightning_modules.optimizers import Lion, MuonWithAdamW, SophiaG, rms_scaled_lr
-from lightning_modules.pretraining import muon_parameter_groups
+from lightning_modules.parameter_groups import muon_parameter_groups
 from lightning_modules.t5_span_corruption import T5SpanCorruption
 
 # --------------------------------------------------------------------------- updates by hand and against references
