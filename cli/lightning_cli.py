@@ -20,8 +20,8 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpointing import RunCheckpoint
-from callbacks.numerics import NonFiniteCheck
-from cli.run_folder import claim_log_version, resolve_checkpoint
+from callbacks.numerics import NonFiniteCheck, NonFiniteError
+from cli.run_folder import claim_log_version, record_fingerprint, resolve_checkpoint
 from cli.summary import summarize_fit, write_summary
 from core.errors import UserError
 
@@ -58,12 +58,24 @@ class PretrainingCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
             claim_log_version(self.config["fit"])
+            record_fingerprint(self.config["fit"])
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, NonFiniteCheck) for c in trainer.callbacks):
             trainer.callbacks.append(NonFiniteCheck())
         return trainer
+
+    def fit(self, model, datamodule=None, **kwargs) -> None:
+        """``trainer.fit``; a run stopped on non-finite numbers leaves a ``diverged`` summary.json before the error."""
+        try:
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        except NonFiniteError as error:
+            train_loss = self.trainer.callback_metrics.get("train/loss")
+            summary = summarize_fit(self.trainer, model, datamodule, train_loss, None, status="diverged", error=str(error))
+            if self.trainer.is_global_zero:
+                write_summary(summary)
+            raise
 
     @property
     def preempted(self) -> bool:

@@ -9,17 +9,25 @@ before it wrote anything worth keeping.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import sys
 from typing import Any
 
-from core.checkpoints import RESUME_KEYWORDS, check_checkpoint, claim_version, resume_target
+from core.checkpoints import (
+    RESUME_KEYWORDS,
+    check_checkpoint,
+    claim_version,
+    resume_target,
+    run_checkpoints,
+    write_fingerprint,
+)
 from core.errors import UserError
 
-__all__ = ["claim_log_version", "forget_claimed_folders", "is_first_process", "logger_root", "remove_claimed_folders",
-           "resolve_checkpoint"]
+__all__ = ["claim_log_version", "config_fingerprint", "forget_claimed_folders", "is_first_process", "logger_root",
+           "record_fingerprint", "remove_claimed_folders", "resolve_checkpoint"]
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "GROUP_RANK")
 LAUNCHED_VERSION = "NTNG_LOG_VERSION"  # the version the launching process claimed, for the ranks it starts
@@ -39,9 +47,31 @@ def logger_root(config) -> tuple[str | None, Any]:
     return None, init_args
 
 
+NOT_IN_FINGERPRINT = ("config", "ckpt_path", "weights_only")  # how a run was started, not what it runs
+
+
+def config_fingerprint(config) -> str:
+    """SHA-256 of a fit's resolved configuration: everything but the config file names, the checkpoint to resume
+    and the log version. Two runs with the same fingerprint train the same way (budget and seed included)."""
+    resolved = {k: v for k, v in config.as_dict().items() if k not in NOT_IN_FINGERPRINT}
+    logger = (resolved.get("trainer") or {}).get("logger")
+    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+        logger["init_args"].pop("version", None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def record_fingerprint(config) -> None:
+    """Write the fit's fingerprint into its version directory (what ``--ckpt_path last`` matches later)."""
+    root, init_args = logger_root(config)
+    if root is not None and init_args.get("version") is not None and is_first_process():
+        write_fingerprint(os.path.join(root, str(init_args.version)), config_fingerprint(config))
+
+
 def resolve_checkpoint(config, subcommand: str) -> None:
-    """Resolve ``--ckpt_path last|last-good`` to a file of this configuration's runs (a resumed fit logs into
-    that run's version directory again); check the integrity of the checkpoint to be loaded.
+    """Resolve ``--ckpt_path last|last-good`` to a checkpoint of an earlier run of the same configuration (same
+    fingerprint; a resumed fit logs into that run's version directory again); check the integrity of the
+    checkpoint to be loaded. A checkpoint of another configuration is never picked: with none of this one, the
+    fit starts afresh and says so.
 
     Lightning's own ``last`` looks only in the new run's folder, and each start opens a new version.
     """
@@ -53,10 +83,14 @@ def resolve_checkpoint(config, subcommand: str) -> None:
         if root is None:
             raise UserError(f"--ckpt_path {ckpt_path} finds checkpoints through the logger's save_dir and name: "
                             "configure trainer.logger (e.g. TensorBoardLogger), or give the checkpoint file")
-        target = resume_target(root, ckpt_path)
+        fingerprint = config_fingerprint(config)
+        target = resume_target(root, ckpt_path, fingerprint)
         if target is None:
-            print(f"warning: --ckpt_path {ckpt_path}: no checkpoint under {root}/version_*/checkpoints yet; starting "
-                  "a new run", file=sys.stderr, flush=True)
+            others = len(run_checkpoints(root))
+            ignored = (f"; {others} checkpoint(s) there are of other configurations (another override, budget or "
+                       "seed) and are not resumed" if others else "")
+            print(f"warning: --ckpt_path {ckpt_path}: no checkpoint of this configuration under "
+                  f"{root}/version_*/checkpoints yet{ignored}; starting a new run", file=sys.stderr, flush=True)
             config.ckpt_path = None
             return
         for damaged, problem in target.skipped:

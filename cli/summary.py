@@ -24,7 +24,8 @@ class RunSummary:
     """What a fit did.
 
     Attributes:
-        status: ``finished`` (the budget or ``max_steps`` ended it) or ``preempted`` (SIGTERM: saved, to be resumed).
+        status: ``finished`` (the budget or ``max_steps`` ended it), ``preempted`` (SIGTERM: saved, to be resumed) or
+            ``diverged`` (stopped on non-finite numbers: ``error`` says where).
         optimizer_steps: optimizer steps of the whole run (resumed parts included).
         tokens: tokens trained on (forward+backward examples x tokens per sequence), the whole run.
         rst_seconds: Reference System Time spent (the run's ``BudgetClock``), ``None`` without one.
@@ -34,9 +35,10 @@ class RunSummary:
             alone would score), ``None`` where the data module does not know it.
         log_dir: the logger's version directory.
         checkpoint: the last checkpoint written (``""``: none).
+        error: why a ``diverged`` run stopped.
     """
 
-    status: Literal["finished", "preempted"]
+    status: Literal["finished", "preempted", "diverged"]
     optimizer_steps: int
     tokens: int
     rst_seconds: float | None
@@ -45,6 +47,7 @@ class RunSummary:
     unigram_entropy: float | None
     log_dir: str
     checkpoint: str
+    error: str = ""
 
     def line(self) -> str:
         """The one line a person reads at the end of a finished fit."""
@@ -64,7 +67,7 @@ def _float(value: Any) -> float | None:
 
 
 def summarize_fit(trainer, model, datamodule, train_loss: float | None, val_loss: float | None,
-                  status: str = "finished") -> RunSummary:
+                  status: str = "finished", error: str = "") -> RunSummary:
     """The summary of the fit ``trainer`` just ran (call it on every rank: ``trainer.log_dir`` is a collective).
 
     ``train_loss`` is read from ``trainer.callback_metrics`` before the final validation, which resets them.
@@ -82,6 +85,7 @@ def summarize_fit(trainer, model, datamodule, train_loss: float | None, val_loss
         unigram_entropy=_float(datamodule.target_unigram_entropy),
         log_dir=trainer.log_dir or "",
         checkpoint=checkpoint or "",
+        error=error,
     )
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from core.errors import UserError
 
-__all__ = ["ResumeTarget", "check_checkpoint", "claim_version", "data_state", "resume_target", "run_checkpoints"]
+__all__ = ["FINGERPRINT_FILE", "ResumeTarget", "check_checkpoint", "claim_version", "data_state", "read_fingerprint",
+           "resume_target", "run_checkpoints", "write_fingerprint"]
 
 RESUME_KEYWORDS = ("last", "last-good")
 DATA_STATE_MARK = "tokenizer_files"  # what a pre-training data module's checkpoint state always holds
@@ -60,9 +61,14 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def run_checkpoints(root: str | Path) -> list[Path]:
-    """Every ``*.ckpt`` under ``root/version_*/checkpoints``, newest first."""
-    found = [p for p in Path(root).glob("version_*/checkpoints/*.ckpt") if p.is_file()]
+FINGERPRINT_FILE = "config.sha256"  # in a version directory: the fingerprint of the configuration that ran there
+
+
+def run_checkpoints(root: str | Path, fingerprint: str | None = None) -> list[Path]:
+    """Every ``*.ckpt`` under ``root/version_*/checkpoints``, newest first; with ``fingerprint``, only those of
+    versions whose configuration had that fingerprint."""
+    found = [p for p in Path(root).glob("version_*/checkpoints/*.ckpt") if p.is_file()
+             and (fingerprint is None or read_fingerprint(p.parent.parent) == fingerprint)]
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
 
 
@@ -73,12 +79,24 @@ class ResumeTarget:
     skipped: tuple[tuple[Path, str], ...] = ()  # damaged newer checkpoints passed over (last-good only)
 
 
-def resume_target(root: str | Path, keyword: str) -> ResumeTarget | None:
-    """The checkpoint ``--ckpt_path last`` or ``--ckpt_path last-good`` means for the runs under ``root``;
-    ``None`` when there is none yet (the first start of a job that is requeued with the same command)."""
+def read_fingerprint(version_dir: Path) -> str | None:
+    path = version_dir / FINGERPRINT_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def write_fingerprint(version_dir: str | Path, fingerprint: str) -> None:
+    path = Path(version_dir) / FINGERPRINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(fingerprint + "\n")
+
+
+def resume_target(root: str | Path, keyword: str, fingerprint: str | None = None) -> ResumeTarget | None:
+    """The checkpoint ``--ckpt_path last`` or ``--ckpt_path last-good`` means for the runs under ``root`` (with
+    ``fingerprint``: the runs of that configuration only); ``None`` when there is none yet (the first start of a
+    job that is requeued with the same command)."""
     if keyword not in RESUME_KEYWORDS:
         raise ValueError(keyword)
-    candidates = run_checkpoints(root)
+    candidates = run_checkpoints(root, fingerprint)
     if not candidates:
         return None
     skipped = []

@@ -1,188 +1,160 @@
-"""A study's report: did each method beat the baseline at each budget?
-
-``results.csv`` (one row per run), ``comparison.json`` and ``report.md`` (per method and budget: the chosen
-setting, mean and spread over seeds, the difference to the baseline with its 95 % interval and Welch's p-value,
-``core.significance``), the plots and TensorBoard's HParams view (``studies.plots``). A tuned method's setting is
-chosen per budget on mean validation loss, never on a downstream score.
-"""
+"""A study's report: ``results.csv`` (one row per run), ``comparison.json`` and ``report.md`` (per method and budget:
+the chosen setting, the seeds that finished, failed or diverged, mean and spread over seeds, the difference to the
+baseline with its interval, the test used and its p-value, the smallest difference the study could detect;
+``studies.comparison``), the plots and TensorBoard's HParams view (``studies.plots``)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import statistics
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from core.durations import parse_duration
-from core.significance import welch_t_test
+from studies.comparison import compare_rows
 from studies.plots import downstream_average, write_hparams, write_plots
-from studies.study import BASELINE, Study, run_status
+from studies.study import Study
+from studies.tuning import choose_settings, outcomes
 
-__all__ = ["CSV_FIELDS", "compare_rows", "write_report"]
+__all__ = ["CSV_FIELDS", "write_report"]
 
-
-CSV_FIELDS = ["method", "variant", "budget", "seed", "setting", "status", "optimizer_steps", "tokens", "rst_spent_seconds",
-              "wall_seconds", "train_loss", "val_loss", "downstream_average", "downstream", "error"]
-
-
-def _collect(study: Study) -> list[dict[str, Any]]:
-    rows = []
-    for run in study.runs():
-        status = run_status(run)
-        if status in ("done", "failed"):
-            result = json.loads((run.directory / "result.json").read_text())
-        else:
-            result = {"method": run.method, "variant": run.variant, "setting": run.setting, "budget": run.budget,
-                      "seed": run.seed, "status": status, "error": ""}
-        result["run"] = run
-        rows.append(result)
-    return rows
+CSV_FIELDS = ["method", "variant", "stage", "budget", "seed", "setting", "status", "optimizer_steps", "tokens",
+              "rst_spent_seconds", "wall_seconds", "train_loss", "val_loss", "downstream_average", "downstream", "error",
+              "stale"]
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+def _collect(study: Study) -> tuple[list[dict[str, Any]], dict, dict[str, list[str]]]:
+    choices = choose_settings(study)
+    rows = outcomes(study.tuning_runs() + study.test_runs({k: c.setting for k, c in choices.items()}))
+    stale_file = study.output / "stale.json"
+    stale = json.loads(stale_file.read_text()) if stale_file.is_file() else {"rerun": [], "kept": []}
+    for row in rows:
+        row["stale"] = row["run"].run_id in stale["kept"]
+    return rows, choices, stale
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def compare_rows(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method and budget: the chosen setting (lowest mean validation loss), mean/std over seeds, the
-    difference to the baseline with its 95 % interval and Welch's p-value, for validation loss and the
-    downstream average."""
-    table = []
-    for budget in study.budgets:
-        done = [r for r in rows if r["budget"] == budget and r["status"] == "done" and r.get("val_loss") is not None]
-        base = [r for r in done if r["method"] == BASELINE]
-        for method in study.methods:
-            candidates = {}
-            for r in done:
-                if r["method"] == method.name:
-                    candidates.setdefault(r["variant"], []).append(r)
-            runs_of_method = [r for r in rows if r["budget"] == budget and r["method"] == method.name]
-            failed = [r for r in runs_of_method if r["status"] == "failed"]
-            if not candidates:
-                table.append({"method": method.name, "budget": budget, "variant": None, "status": "failed" if failed else
-                              "not run", "failed": len(failed), "runs": 0, "errors": sorted({r["error"] for r in failed})})
-                continue
-            variant, chosen = min(candidates.items(), key=lambda item: statistics.fmean(r["val_loss"] for r in item[1]))
-            entry: dict[str, Any] = {"method": method.name, "budget": budget, "variant": variant, "status": "done",
-                                     "runs": len(chosen), "failed": len(failed), "tuned_over": len(candidates),
-                                     "errors": sorted({r["error"] for r in failed})}
-            for key, better in (("val_loss", "lower"), ("train_loss", "lower"), ("downstream_average", "higher")):
-                values = [_value(r, key) for r in chosen if _value(r, key) is not None]
-                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std(values)
-                baseline_values = [_value(r, key) for r in base if _value(r, key) is not None]
-                test = welch_t_test(values, baseline_values) if method.name != BASELINE else None
-                entry[f"{key}_test"] = asdict(test) if test else None
-                entry[f"{key}_better"] = better
-            for key in ("optimizer_steps", "wall_seconds", "rst_spent_seconds"):
-                entry[f"{key}_mean"] = _mean_std([r[key] for r in chosen if r.get(key) is not None])[0]
-            entry["verdict"] = _verdict(entry, budget) if method.name != BASELINE else ""
-            table.append(entry)
-    return table
-
-
-def _value(row: dict[str, Any], key: str) -> float | None:
-    return downstream_average(row) if key == "downstream_average" else row.get(key)
-
-
-def _budget_words(budget: str) -> str:
-    seconds = parse_duration(budget)
-    return f"{seconds / 3600:g} RST-hours" if seconds >= 3600 else f"{seconds:g} RST-seconds"
-
-
-def _verdict(entry: dict[str, Any], budget: str) -> str:
-    """One sentence: beat the baseline when its validation loss is lower with p < 0.05 (Welch)."""
-    test = entry.get("val_loss_test")
-    name = entry["variant"]
-    if test is None:
-        return (f"{name}: not tested against the baseline at {_budget_words(budget)} (fewer than two finished seeds "
-                f"on a side).")
-    beat = test["difference"] < 0 and test["p_value"] < 0.05
-    worse = test["difference"] > 0 and test["p_value"] < 0.05
-    outcome = "beat the baseline" if beat else ("did worse than the baseline" if worse else "did not beat the baseline")
-    return (f"{name} {outcome} at {_budget_words(budget)}: validation loss {test['difference']:+.4f} "
-            f"(95 % CI {test['low']:+.4f} to {test['high']:+.4f}, Welch p = {test['p_value']:.3g}).")
-
-
 def write_report(study: Study, log=print) -> Path:
-    """results.csv, report.md, the plots and the TensorBoard HParams view, from the runs on disk."""
-    rows = _collect(study)
+    """results.csv, comparison.json, report.md, the plots and the TensorBoard HParams view, from the runs on disk."""
+    rows, choices, stale = _collect(study)
     out = study.output
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "setting": json.dumps(r.get("setting") or {}),
-                             "downstream_average": _value(r, "downstream_average"),
+            writer.writerow({**r, "setting": json.dumps(r.get("setting") or {}), "downstream_average": downstream_average(r),
                              "downstream": json.dumps((r.get("downstream") or {}).get("tasks")) if r.get("downstream") else ""})
-    table = compare_rows(study, rows)
-    (out / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
-    plots = write_plots(study, rows, out)
-    write_hparams(study, rows, out)
-    (out / "report.md").write_text(_markdown(study, rows, table, plots))
+    table = compare_rows(study, rows, choices)
+    (out / "comparison.json").write_text(json.dumps(table, indent=2, default=str) + "\n")
+    tested = [r for r in rows if r["stage"] == "test"]
+    plots = write_plots(study, tested, out)
+    write_hparams(study, tested, out)
+    (out / "report.md").write_text(_markdown(study, rows, table, plots, stale))
     log(f"report: {out / 'report.md'} (results.csv, {', '.join(plots)}; tensorboard --logdir {out})")
     return out / "report.md"
 
 
-def _markdown(study: Study, rows: list[dict[str, Any]], table: list[dict[str, Any]], plots: list[str]) -> str:
-    seeds = len(study.seeds)
+def _test_cells(test: dict[str, Any] | None) -> tuple[str, str, str]:
+    if test is None:
+        return "", "", ""
+    if test.get("p_value") is None:
+        return f"{test['difference']:+.4f}", "not testable", ""
+    diff = f"{test['difference']:+.4f} ({test['low']:+.4f}, {test['high']:+.4f})"
+    detectable = _fmt(test.get("detectable_difference"))
+    return diff, f"{test['p_adjusted']:.3g} ({test['test']})", detectable
+
+
+def _table_lines(table: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| budget | method | setting | seeds finished / failed / diverged | val loss | vs baseline (95 % CI) | p (test) "
+        "| detectable | train loss | downstream | steps | wall s |",
+        "|---|---|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in table:
+        counts = f"{e['finished']} / {e['failed']} / {e['diverged']}" + (f" ({e['unfinished']} unfinished)" if e["unfinished"] else "")
+        if e["status"] != "done":
+            lines.append(f"| {e['budget']} | {e['method']} | {e['status']} | {counts} | | | | | | | | |")
+            continue
+        diff, p, detectable = _test_cells(e.get("val_loss_test"))
+        val = f"{_fmt(e['val_loss_mean'])} ± {_fmt(e['val_loss_std'])}"
+        train_loss = f"{_fmt(e['train_loss_mean'])} ± {_fmt(e['train_loss_std'])}"
+        down = (f"{_fmt(e['downstream_average_mean'], 2)} ± {_fmt(e['downstream_average_std'], 2)}"
+                if e["downstream_average_mean"] is not None else "n/a")
+        setting = (e["variant"][len(e["method"]):] or "-") + (" (stale)" if e["stale"] else "")
+        lines.append(f"| {e['budget']} | {e['method']} | {setting} | {counts} | {val} | {diff} | {p} | {detectable} | "
+                     f"{train_loss} | {down} | {_fmt(e['optimizer_steps_mean'], 0)} | {_fmt(e['wall_seconds_mean'], 0)} |")
+    return lines
+
+
+def _tuning_lines(table: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for e in table:
+        if len(e["candidates"]) < 2:
+            continue
+        where = "its tuning seeds" if e["selected_on"] == "tune" else "the tested seeds (optimistic: Bonferroni applied)"
+        cells = [f"{c['variant'][len(e['method']):]} {_fmt(c['mean_val_loss'])} ({c['finished']} finished"
+                 + (f", {c['failed']} failed" if c["failed"] else "") + (f", {c['diverged']} diverged" if c["diverged"] else "")
+                 + ("" if c["eligible"] else ", not eligible") + ")" for c in e["candidates"]]
+        lines.append(f"- {e['method']} at {e['budget']}, chosen on {where}: " + "; ".join(cells) + ".")
+    return lines
+
+
+def _markdown(study: Study, rows: list[dict[str, Any]], table: list[dict[str, Any]], plots: list[str],
+              stale: dict[str, list[str]]) -> str:
     lines = [
         f"# Study `{study.name}`",
         "",
         f"Study file `{study.path}`; base {', '.join(f'`{b}`' for b in study.base)}; budgets {', '.join(study.budgets)}; "
-        f"seeds {list(study.seeds)}; table `{study.table or 'from the config'}`"
+        f"seeds {list(study.seeds)}" + (f"; tuning seeds {list(study.tune_seeds)}" if study.tune_seeds else "")
+        + f"; table `{study.table or 'from the config'}`"
         + (f"; downstream suite `{study.evaluate['suite']}`" if study.evaluate else "") + ".",
         f"Runs: {sum(r['status'] == 'done' for r in rows)} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
-        f"{sum(r['status'] in ('pending', 'interrupted') for r in rows)} not finished, of {len(rows)}.",
+        f"{sum(r['status'] == 'diverged' for r in rows)} diverged, "
+        f"{sum(r['status'] in ('pending', 'interrupted') for r in rows)} not finished, of {len(rows)}"
+        + (f"; {len(stale['rerun'])} run(s) were run again because their configuration changed" if stale["rerun"] else "")
+        + (f"; {len(stale['kept'])} run(s) of an older configuration kept (--keep-stale), marked stale" if stale["kept"] else "")
+        + ".",
         "",
-        "| budget | method | setting | runs | val loss | vs baseline (95 % CI) | p | train loss | downstream | steps | wall s |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        *_table_lines(table),
+        "",
+        "## Verdicts",
+        "",
     ]
-    for e in table:
-        if e["status"] != "done":
-            lines.append(f"| {e['budget']} | {e['method']} | {e['status']} ({e['failed']} failed) | 0 | | | | | | | |")
-            continue
-        test = e.get("val_loss_test")
-        diff = f"{test['difference']:+.4f} ({test['low']:+.4f}, {test['high']:+.4f})" if test else ""
-        p = f"{test['p_value']:.3g}" if test else ""
-        val = f"{_fmt(e['val_loss_mean'])} ± {_fmt(e['val_loss_std'])}"
-        train_loss = f"{_fmt(e['train_loss_mean'])} ± {_fmt(e['train_loss_std'])}"
-        down = f"{_fmt(e['downstream_average_mean'], 2)} ± {_fmt(e['downstream_average_std'], 2)}" if e["downstream_average_mean"] is not None else "n/a"
-        setting = e["variant"][len(e["method"]):] or "-"
-        lines.append(f"| {e['budget']} | {e['method']} | {setting} | {e['runs']} | {val} | {diff} | {p} | {train_loss} | "
-                     f"{down} | {_fmt(e['optimizer_steps_mean'], 0)} | {_fmt(e['wall_seconds_mean'], 0)} |")
-    lines += ["", "## Verdicts", ""]
     lines += [f"- {e['verdict']}" for e in table if e.get("verdict")]
-    lines += [f"- {e['method']} at {e['budget']}: {e['status']}: {'; '.join(e['errors'])}" for e in table
-              if e["status"] != "done" and e["errors"]]
-    downstream_tests = [e for e in table if e.get("downstream_average_test")]
+    lines += [f"- {e['method']} at {e['budget']}: errors: {'; '.join(e['errors'])}" for e in table if e["errors"]]
+    downstream_tests = [e for e in table if (e.get("downstream_average_test") or {}).get("p_value") is not None]
     if downstream_tests:
         lines += ["", "Downstream average vs the baseline (higher is better): " + "; ".join(
             f"{e['variant']} at {e['budget']} {e['downstream_average_test']['difference']:+.2f} "
-            f"(p = {e['downstream_average_test']['p_value']:.3g})" for e in downstream_tests) + "."]
-    lines += [
-        "",
-        "## How to read this",
-        "",
-        f"Mean ± standard deviation over {seeds} seed(s) per method. The difference to the baseline is the method's "
-        "mean minus the baseline's, with a 95 % confidence interval and the two-sided p-value of Welch's t-test "
-        "(unequal variances: a method may make training more or less stable than the baseline). \"Beat the "
-        "baseline\" means a lower validation loss at p < 0.05. With few seeds the test has little power: "
-        "two seeds a side leave about one degree of freedom, so only a difference many times the seed-to-seed "
-        "spread reaches p < 0.05, and \"did not beat\" then says the study cannot tell, not that the methods "
-        "are equal. A tuned method's setting is the one with the lowest mean validation loss at that budget "
-        "(chosen on validation loss, never on the downstream score), which flatters it slightly.",
-        "",
-    ]
+            f"(p = {e['downstream_average_test']['p_adjusted']:.3g})" for e in downstream_tests) + "."]
+    tuning = _tuning_lines(table)
+    if tuning:
+        lines += ["", "## Tuning", "", *tuning]
+    lines += ["", "## How to read this", "", *_how_to_read(study), ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
+def _how_to_read(study: Study) -> list[str]:
+    return [
+        f"Mean ± standard deviation over the study's {len(study.seeds)} seed(s). A seed sets every source of "
+        "run-to-run randomness of a run (initialisation, data order, training masks, selection and drop draws); the "
+        "validation split, its masks and the tokenizer are the same for every run. A method and the baseline run "
+        "with the same seed see the same data, so when every seed finished in both arms the difference is tested "
+        "per seed (paired t-test); otherwise the finished values are compared by Welch's t-test. The test used is "
+        "named beside each p-value. \"Beat the baseline\" means a lower validation loss at p < 0.05, two-sided. "
+        "Each method is compared with the baseline's chosen setting only.",
+        "",
+        "A method with a grid is chosen on validation loss (never on the downstream score) among the settings whose "
+        "every seed finished"
+        + (", on the tuning seeds, and tested on the other seeds." if study.tune_seeds else
+           "; with no `tune_seeds` the choice and the test use the same seeds, which flatters the chosen setting, "
+           "so its p-value is multiplied by the grid's size (Bonferroni).")
+        + " \"Detectable\" is the smallest true difference the study would find at p < 0.05 with 80 % power, "
+        "given the observed seed-to-seed spread and the number of seeds: \"did not beat\" means the study could "
+        "not tell a difference smaller than that, not that the methods are equal. Identical values on both sides "
+        "(no spread) are not testable.",
+    ]

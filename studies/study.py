@@ -3,30 +3,29 @@
 A study file (YAML) names the base config(s), the budgets and optionally the cost table, the seeds,
 the methods (each a name, overlay configs and ``overrides``, optionally a ``grid`` of settings to tune
 over) and optionally an ``evaluate`` suite. Every (method, setting, budget, seed) is a ``Run``: an ordinary
-``train.py fit`` of a fully resolved configuration (``resolved_config``) in its own directory.
+``train.py fit`` of a fully resolved configuration (``studies.run_config``) in its own directory.
 ``studies.runner`` runs them, ``studies.report`` compares them with the baseline.
+
+A method with a grid is tuned on ``tune_seeds`` (runs of stage ``tune``): the chosen setting is then run on
+``seeds``, disjoint from them, and only those runs are tested (``studies.tuning``). Without ``tune_seeds`` a
+grid is chosen and tested on the same seeds, and the report says the p-value is optimistic.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from callbacks.rst import RSTBudget
-from cli.lightning_cli import parsed_config
-from core.class_paths import import_class
 from core.durations import parse_duration
 from core.errors import UserError
 
-__all__ = ["BASELINE", "ROOT", "TRAIN", "Method", "Run", "Study", "load_study", "resolve_path", "resolved_config", "run_status",
-           "slug"]
+__all__ = ["BASELINE", "ROOT", "TRAIN", "Method", "Run", "Study", "load_study", "resolve_path", "run_status", "slug"]
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
@@ -41,7 +40,8 @@ class Method:
     configs: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
-    prepare: tuple[str, ...] = ()  # train.py commands run once before the method's runs ({study}: the study directory)
+    prepare: tuple[str, ...] = ()  # train.py commands run before the method's runs ({study}: the study directory;
+    # with {seed}, once per seed)
 
     def settings(self) -> list[dict[str, Any]]:
         """Every point of the grid ({} without one)."""
@@ -58,6 +58,7 @@ class Run:
     budget: str
     seed: int
     directory: Path
+    stage: Literal["tune", "test"] = "test"  # tune: a grid point on a tuning seed; test: a run the verdict tests
 
     @property
     def variant(self) -> str:
@@ -93,16 +94,41 @@ class Study:
     evaluate: dict[str, Any] | None = None
     output: Path = Path("runs/studies")
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every method, before its own
+    tune_seeds: tuple[int, ...] = ()  # a grid's setting is chosen on these, then run on ``seeds`` and tested there
+    allow_failed_seeds: bool = False  # a setting that lost a seed may still be chosen
 
-    def runs(self) -> list[Run]:
+    def method(self, name: str) -> Method:
+        return next(m for m in self.methods if m.name == name)
+
+    def run(self, method: Method, setting: dict[str, Any], budget: str, seed: int, stage: str = "test") -> Run:
+        """The run of ``method`` at grid point ``setting``, ``budget`` and ``seed``, in its own directory."""
+        partial = Run(method.name, setting, budget, seed, Path())
+        return Run(method.name, setting, budget, seed, self.output / "runs" / slug(partial.variant) / budget / f"seed{seed}",
+                   stage)
+
+    def tuned_on_own_seeds(self, method: Method) -> bool:
+        """The method's grid is chosen on ``tune_seeds``, apart from the seeds its verdict is tested on."""
+        return len(method.settings()) > 1 and bool(self.tune_seeds)
+
+    def tuning_runs(self) -> list[Run]:
+        """Every grid point of every method tuned on its own seeds, on every tuning seed."""
+        return [self.run(method, setting, budget, seed, "tune")
+                for method in self.methods if self.tuned_on_own_seeds(method)
+                for setting in method.settings() for budget in self.budgets for seed in self.tune_seeds]
+
+    def test_runs(self, choices: dict[tuple[str, str], dict[str, Any] | None]) -> list[Run]:
+        """The runs whose results are tested: per method and budget, the chosen setting on ``seeds`` (``choices``
+        maps (method, budget) to it; ``None`` or missing: not chosen yet) or, for a grid without tuning seeds,
+        every setting on ``seeds`` (chosen and tested on the same seeds)."""
         runs = []
         for method in self.methods:
-            for setting in method.settings():
-                for budget in self.budgets:
-                    for seed in self.seeds:
-                        partial = Run(method.name, setting, budget, seed, Path())
-                        directory = self.output / "runs" / slug(partial.variant) / budget / f"seed{seed}"
-                        runs.append(Run(method.name, setting, budget, seed, directory))
+            for budget in self.budgets:
+                if self.tuned_on_own_seeds(method):
+                    chosen = choices.get((method.name, budget))
+                    settings = [chosen] if chosen is not None else []
+                else:
+                    settings = method.settings()
+                runs += [self.run(method, setting, budget, seed) for setting in settings for seed in self.seeds]
         return runs
 
 
@@ -131,7 +157,8 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
         raise UserError(f"{file}: not valid YAML{where}: fix the file (configs/studies/smoke.yaml is an example)") from None
     if not isinstance(raw, dict):
         raise UserError(f"{file}: a study is a YAML mapping (name, base, budgets, methods, ...); see configs/studies/smoke.yaml")
-    known = {"name", "base", "budgets", "table", "seeds", "methods", "evaluate", "overrides"}
+    known = {"name", "base", "budgets", "table", "seeds", "tune_seeds", "allow_failed_seeds", "methods", "evaluate",
+             "overrides"}
     unknown = set(raw) - known
     if unknown:
         raise UserError(f"{file}: unknown key {sorted(unknown)[0]!r}; a study has {', '.join(sorted(known))}")
@@ -151,9 +178,11 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
         if not any(Path(p).is_file() for p in (table, here / table, ROOT / table)):
             raise UserError(f"{file}: table {table!r} does not exist; measure one with train.py calibrate")
         table = resolve_path(table, here)
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise UserError(f"{file}: seeds must be a list of integers, e.g. seeds: [0, 1]")
+    seeds = _seed_list(raw.get("seeds", [0]), "seeds", file)
+    tune_seeds = _seed_list(raw.get("tune_seeds", []), "tune_seeds", file, allow_empty=True)
+    if set(seeds) & set(tune_seeds):
+        raise UserError(f"{file}: tune_seeds {sorted(set(seeds) & set(tune_seeds))} are also in seeds: a setting is chosen "
+                        "on tuning seeds and tested on other seeds, e.g. tune_seeds: [100, 101] and seeds: [0, 1, 2]")
     methods = []
     for entry in raw.get("methods") or []:
         if not isinstance(entry, dict) or "name" not in entry:
@@ -182,87 +211,28 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise UserError(f"{file}: overrides must map dotted keys to values, e.g. overrides: {{trainer.val_check_interval: 50}}")
-    return Study(name, file, base, budgets, tuple(seeds), tuple(methods), table, evaluate, out, dict(overrides))
+    allow_failed = raw.get("allow_failed_seeds", False)
+    if not isinstance(allow_failed, bool):
+        raise UserError(f"{file}: allow_failed_seeds is true or false")
+    return Study(name, file, base, budgets, seeds, tuple(methods), table, evaluate, out, dict(overrides), tune_seeds,
+                 allow_failed)
+
+
+def _seed_list(value: Any, key: str, file: Path, allow_empty: bool = False) -> tuple[int, ...]:
+    """A list of distinct integers; a repeated seed would run the same run twice and fake agreement between seeds."""
+    if not isinstance(value, list) or not (value or allow_empty) or not all(isinstance(s, int) for s in value):
+        raise UserError(f"{file}: {key} must be a list of integers, e.g. {key}: [0, 1, 2]")
+    repeated = sorted({s for s in value if value.count(s) > 1})
+    if repeated:
+        raise UserError(f"{file}: {key} repeats {repeated}: every seed must differ (a repeated seed is the same run twice, "
+                        "which makes the seeds look like they agree)")
+    return tuple(value)
 
 
 def run_status(run: Run) -> str:
-    """``done``, ``failed``, ``interrupted`` (a checkpoint, no result) or ``pending``."""
+    """``done``, ``failed`` or ``diverged`` (from ``result.json``), ``interrupted`` (a checkpoint, no result) or
+    ``pending``."""
     result = run.directory / "result.json"
     if result.is_file():
         return json.loads(result.read_text()).get("status", "failed")
     return "interrupted" if run.last_checkpoint.is_file() else "pending"
-
-
-# ----- one run's configuration ---------------------------------------------------------------------------
-def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``model.learning_rate`` or ``model.init_args.learning_rate`` alike (``init_args`` is implied); in a list
-    of classes a part names the class: ``trainer.callbacks.RhoLoss.irreducible_losses``."""
-    node: Any = config
-    parts = key.split(".")
-    for index, part in enumerate(parts):
-        if isinstance(node, list):
-            matches = [item for item in node if isinstance(item, dict) and str(item.get("class_path", "")).split(".")[-1] == part]
-            if len(matches) != 1:
-                raise UserError(f"override {key}: {'.'.join(parts[:index])} holds {len(matches)} {part}")
-            node = matches[0]
-            continue
-        if isinstance(node, dict) and part not in node and "init_args" in node and part != "init_args":
-            node = node["init_args"]
-        if not isinstance(node, dict):
-            raise UserError(f"override {key}: {'.'.join(parts[:index])} is not a mapping")
-        if index == len(parts) - 1:
-            node[part] = value
-        else:
-            node = node.setdefault(part, {})
-
-
-def _check_class_paths(node: Any, where: str) -> None:
-    if isinstance(node, dict):
-        path = node.get("class_path")
-        if isinstance(path, str):
-            import_class(path, what=where)
-        for value in node.values():
-            _check_class_paths(value, where)
-    elif isinstance(node, list):
-        for value in node:
-            _check_class_paths(value, where)
-
-
-@functools.lru_cache(maxsize=64)
-def _parsed(configs: tuple[str, ...], method: str) -> str:
-    """The configs merged and checked by the CLI's own parser, as YAML (parsed once per list of configs)."""
-    try:
-        return parsed_config(configs)
-    except UserError as error:
-        raise UserError(f"method {method}: its configs do not parse ({error})") from None
-
-
-def _is_budget(callback: dict[str, Any]) -> bool:
-    """A callback entry of a resolved config that is the RST budget clock (found by type, not by name)."""
-    path = callback.get("class_path")
-    return isinstance(path, str) and issubclass(import_class(path, what="trainer.callbacks"), RSTBudget)
-
-
-def resolved_config(study: Study, run: Run) -> dict[str, Any]:
-    """The run's whole configuration: base + the method's overlays, resolved by the CLI's own parser, then the
-    method's overrides and grid point, the budget (and table), the seed and the run's log directory."""
-    method = next(m for m in study.methods if m.name == run.method)
-    config = yaml.safe_load(_parsed(tuple(study.base) + tuple(method.configs), run.method))
-    for key, value in {**study.overrides, **method.overrides, **run.setting}.items():
-        _set_dotted(config, key, value.replace("{study}", str(study.output)) if isinstance(value, str) else value)
-    _check_class_paths(config, f"method {run.method}")
-    callbacks = config["trainer"].get("callbacks") or []
-    budget = next((c for c in callbacks if _is_budget(c)), None)
-    if budget is None:
-        raise UserError(f"method {run.method}: its config has no callbacks.rst.RSTBudget; a study compares under one RST budget")
-    budget["init_args"]["budget"] = run.budget
-    if study.table is not None:
-        budget["init_args"]["table"] = study.table
-    if not budget["init_args"].get("table"):
-        raise UserError(f"method {run.method}: no cost table: set table: in the study or in the RSTBudget callback")
-    config["seed_everything"] = run.seed
-    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                   "init_args": {"save_dir": str(run.directory), "name": "tb", "version": "run",
-                                                 "default_hp_metric": False}}
-    config["trainer"]["enable_progress_bar"] = False
-    return config

@@ -63,11 +63,15 @@ class RecordSteps(Callback):
 
 
 class SignalAt(Callback):
-    """Sends this process ``signal`` (a name: SIGKILL, SIGTERM) as micro-batch ``micro_batch`` of optimizer
-    step ``step`` (counted from 1) starts: a moment inside a step, not at a checkpoint."""
+    """Sends this process a signal (SIGKILL, SIGTERM) as micro-batch ``micro_batch`` of optimizer step ``step``
+    (counted from 1) starts: a moment inside a step, not at a checkpoint. Where and what come from the environment
+    variable ``SIGNAL_AT`` (``step:micro_batch:SIGNAME``), so that the killed run and its resumption have the same
+    configuration (``--ckpt_path last`` resumes only that) and only the killed process is sent it."""
 
-    def __init__(self, step: int, micro_batch: int = 0, signal: str = "SIGKILL", rank: int = 0) -> None:
-        self.step, self.micro_batch, self.signal, self.rank = step, micro_batch, signal, rank
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+        step, micro_batch, name = (os.environ.get("SIGNAL_AT") or "0:0:SIGKILL").split(":")
+        self.step, self.micro_batch, self.signal = int(step), int(micro_batch), name
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import signal
@@ -121,3 +125,15 @@ class PoisonAt(Callback):
             with torch.no_grad():
                 parameter.copy_(self._saved)
             self._saved = None
+
+
+class FailOnSeed(Callback):
+    """Raises ``RuntimeError`` as training starts when the run's seed (``seed_everything``) is ``seed``: a method
+    that fails on one seed of a study."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if int(os.environ.get("PL_GLOBAL_SEED", "-1")) == self.seed:
+            raise RuntimeError(f"injected failure on seed {self.seed}")

@@ -146,3 +146,23 @@ def doc(name: str) -> str:
 def documentation() -> list[Path]:
     """README.md and every page under docs/."""
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def fit_fingerprint(args: list[str]) -> str:
+    """The configuration fingerprint ``train.py fit`` records for these arguments (``args[0] == "fit"``): what
+    ``--ckpt_path last`` matches, for tests that lay out checkpoint folders by hand."""
+    from cli.lightning_cli import PretrainingCLI
+    from cli.run_folder import config_fingerprint
+
+    class _Parsed(Exception):
+        pass
+
+    class _FingerprintOnly(PretrainingCLI):
+        def _parse_ckpt_path(self) -> None:
+            raise _Parsed(config_fingerprint(self.config["fit"]))
+
+    try:
+        _FingerprintOnly(args=args, auto_configure_optimizers=False)
+    except _Parsed as parsed:
+        return str(parsed)
+    raise AssertionError("the CLI did not parse the arguments")

@@ -11,7 +11,7 @@ import yaml
 
 import cli
 from core.sealing import seal
-from core.significance import welch_t_test
+from core.significance import paired_t_test
 from helpers import ROOT
 
 TINY_OVERLAY = {
@@ -62,12 +62,12 @@ def test_a_tiny_study_writes_every_artefact_and_a_rerun_skips_finished_runs(corp
     for artefact in ("report.md", "val_loss_vs_rst.png", "train_loss_vs_rst.png", "downstream.png", "comparison.json"):
         assert (out / artefact).stat().st_size > 0, artefact
     report = (out / "report.md").read_text()
-    assert "beat the baseline at 8 RST-seconds" in report and "Welch" in report
+    assert "beat the baseline at 8 RST-seconds" in report and "(paired)" in report  # both seeds in both arms
     comparison = json.loads((out / "comparison.json").read_text())
     stacking = next(e for e in comparison if e["method"] == "stacking")
     values = [float(r["val_loss"]) for r in rows if r["method"] == "stacking"]
     assert stacking["val_loss_mean"] == pytest.approx(sum(values) / 2)
-    assert stacking["val_loss_test"]["p_value"] == pytest.approx(welch_t_test(
+    assert stacking["val_loss_test"]["p_value"] == pytest.approx(paired_t_test(
         values, [float(r["val_loss"]) for r in rows if r["method"] == "baseline"]).p_value)
     assert len(list((out / "hparams").iterdir())) == 4
     logs = {p: p.stat().st_mtime for p in out.glob("runs/*/*/*/fit.log")}
@@ -85,10 +85,11 @@ def test_an_interrupted_run_continues_from_its_last_checkpoint(corpus_file, tmp_
     run_dir = out / "runs" / "baseline" / "8s" / "seed0"
     _compare(study, out, "--launcher", "print")  # writes nothing but the commands; resolves every config
     assert capsys.readouterr().out.count("--run baseline/8s/seed0") == 1
-    from studies.study import load_study, resolved_config
+    from studies.run_config import resolved_config
+    from studies.study import load_study
 
     loaded = load_study(study, out)
-    config = resolved_config(loaded, loaded.runs()[0])
+    config = resolved_config(loaded, loaded.test_runs({})[0])
     config["trainer"]["max_steps"] = 4  # the same run, stopped after 4 of its 8 steps
     run_dir.mkdir(parents=True)
     (run_dir / "half.yaml").write_text(yaml.safe_dump(config))
@@ -110,7 +111,7 @@ def test_a_method_whose_runs_fail_is_reported_as_failed(corpus_file, tmp_path):
     assert rows["baseline"]["status"] == "done"
     assert rows["broken"]["status"] == "failed" and "num_heads" in rows["broken"]["error"]
     report = (out / "report.md").read_text()
-    assert "| 8s | broken | failed (1 failed) |" in report and "broken at 8s: failed: error:" in report
+    assert "| 8s | broken | failed | 0 / 1 / 0 |" in report and "broken at 8s: errors: error:" in report
 
 
 def _one_line_error(args, capsys) -> str:
@@ -141,12 +142,74 @@ def test_bad_study_files_are_refused_in_one_line_before_any_run(corpus_file, tmp
 
 @pytest.mark.slow
 def test_the_shipped_studies_resolve_every_run():
-    from studies.study import load_study, resolved_config
+    from studies.run_config import resolved_config
+    from studies.study import load_study
 
     for path in sorted((ROOT / "configs/studies").glob("*.yaml")):
         study = load_study(path)
-        runs = study.runs()
+        runs = study.tuning_runs() + [study.run(m, s, b, seed) for m in study.methods for s in m.settings()
+                                      for b in study.budgets for seed in study.seeds]
         assert {r.method for r in runs} >= {"baseline", "stacking"}
         for run in runs:
             config = resolved_config(study, run)
             assert config["seed_everything"] == run.seed
+
+
+@pytest.mark.slow
+def test_a_tiny_real_study_tests_against_the_chosen_baseline_and_counts_a_failed_seed(corpus_file, tmp_path,
+                                                                                       monkeypatch):
+    """Defects 1 and 3 end to end: a baseline tuned over a good and a very bad learning rate, a twin of the
+    baseline under another name, and a method that fails on one of the two seeds."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the failing probe lives beside the tests
+    (tmp_path / "flaky.yaml").write_text(yaml.safe_dump(
+        {"trainer": {"callbacks+": [{"class_path": "ddp_probe.FailOnSeed", "init_args": {"seed": 1}}]}}))
+    methods = [{"name": "baseline", "grid": {"model.init_args.learning_rate": [5e-3, 50.0]}},
+               {"name": "twin", "overrides": {"model.init_args.learning_rate": 5e-3}},
+               {"name": "flaky", "configs": [str(tmp_path / "flaky.yaml")]}]
+    out = tmp_path / "study"
+    _compare(_study(tmp_path, corpus_file, methods), out)
+    table = {e["method"]: e for e in json.loads((out / "comparison.json").read_text())}
+    assert table["baseline"]["setting"] == {"model.init_args.learning_rate": 5e-3}
+    assert table["twin"]["val_loss_test"]["difference"] == 0.0  # the same runs, seed for seed
+    assert table["twin"]["verdict"].startswith("twin did not beat the baseline at 8 RST-seconds")
+    assert (table["flaky"]["finished"], table["flaky"]["failed"]) == (1, 1)
+    assert "[on 1 of 2 seeds: 1 failed]" in table["flaky"]["verdict"]
+    report = (out / "report.md").read_text()
+    assert "| 8s | flaky | - | 1 / 1 / 0 |" in report
+
+
+def test_a_rerun_reuses_only_runs_whose_configuration_is_unchanged(corpus_file, tmp_path, monkeypatch):
+    """Defect 6: a rerun skipped every finished run without comparing its configuration with the one the study
+    resolves now, so an edited override mixed old and new runs in one report."""
+    import studies.runner as runner
+
+    executed: list[str] = []
+
+    def fake_execute(study, run, log=print):  # records the run, writes a finished result with its config hash
+        from studies.run_config import config_hash, resolved_config
+
+        executed.append(run.run_id)
+        run.directory.mkdir(parents=True, exist_ok=True)
+        result = {"method": run.method, "variant": run.variant, "setting": run.setting, "budget": run.budget,
+                  "seed": run.seed, "stage": run.stage, "status": "done", "error": "", "val_loss": 3.0 + run.seed,
+                  "optimizer_steps": 8, "wall_seconds": 1.0, "config_hash": config_hash(resolved_config(study, run))}
+        (run.directory / "result.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    monkeypatch.setattr(runner, "write_report", lambda study, log=print: None)
+    methods = [{"name": "baseline"}, {"name": "m", "overrides": {"model.init_args.learning_rate": 1e-3}}]
+    study_file, out = _study(tmp_path, corpus_file, methods), tmp_path / "study"
+    _compare(study_file, out)
+    assert sorted(executed) == ["baseline/8s/seed0", "baseline/8s/seed1", "m/8s/seed0", "m/8s/seed1"]
+    executed.clear()
+    _compare(study_file, out)
+    assert executed == []  # nothing changed: everything reused
+    raw = yaml.safe_load(study_file.read_text())
+    raw["methods"][1]["overrides"]["model.init_args.learning_rate"] = 2e-3  # an edited override
+    study_file.write_text(yaml.safe_dump(raw))
+    _compare(study_file, out, "--keep-stale")
+    assert executed == [] and json.loads((out / "stale.json").read_text())["kept"] == ["m/8s/seed0", "m/8s/seed1"]
+    _compare(study_file, out)
+    assert sorted(executed) == ["m/8s/seed0", "m/8s/seed1"]  # only the changed method runs again
+    assert json.loads((out / "stale.json").read_text())["rerun"] == ["m/8s/seed0", "m/8s/seed1"]

@@ -54,10 +54,12 @@ def _steps(directory: Path, rank: int = 0) -> dict[int, dict]:
     return {record["step"]: record for record in map(json.loads, lines)}
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    """``train.py`` in its own process (started first, so its imports overlap the test's in-process run)."""
+def _start(args: list[str], signal_at: str | None = None) -> subprocess.Popen:
+    """``train.py`` in its own process (started first, so its imports overlap the test's in-process run); with
+    ``signal_at`` (``step:micro_batch:SIGNAME``) its ``SignalAt`` probe sends it that signal there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **({"SIGNAL_AT": signal_at} if signal_at else {})}
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _finish(process: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -143,9 +145,9 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
         capsys.readouterr()  # the fixture's own runs
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     # a real SIGKILL of a real process, on the second micro-batch of step 6: after a save, inside a step
-    kill = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")),
-                    _probe("SignalAt", step=6, micro_batch=1, signal="SIGKILL"), budget=budget)
-    process = _start(_args(corpus_file, killed_dir, kill, *extra))
+    run = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")),
+                   _probe("SignalAt"), budget=budget)  # the same configuration for the killed run and its resumption
+    process = _start(_args(corpus_file, killed_dir, run, *extra), signal_at="6:1:SIGKILL")
     if method == "baseline":  # the uninterrupted run, meanwhile (shared with the SIGTERM test)
         uninterrupted, full_steps = request.getfixturevalue("uninterrupted_baseline")
     else:
@@ -161,9 +163,8 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
     # RunCheckpoint every 7 RST-s: the last step before the kill at which the RST crossed a multiple of 7
     crossings = [s for s in range(1, 6) if full_steps[s]["rst"] // 7 > (full_steps[s - 1]["rst"] if s > 1 else 0) // 7]
     assert crossings and saved["global_step"] == crossings[-1]
-    resume = _overlay(killed_dir, *callbacks, _probe("RecordSteps", directory=str(killed_dir / "steps")), budget=budget)
     capsys.readouterr()
-    cli.main(_args(corpus_file, killed_dir, resume, *extra, "--ckpt_path", "last"))
+    cli.main(_args(corpus_file, killed_dir, run, *extra, "--ckpt_path", "last"))
     captured = capsys.readouterr()
     assert _outcome(killed_dir / "bert-demo" / "version_0") == uninterrupted
     assert "resuming from " in captured.err and f"{os.sep}version_0{os.sep}checkpoints{os.sep}last.ckpt" in captured.err
@@ -174,9 +175,8 @@ def test_sigkill_inside_a_step_then_resume_last_repeats_the_uninterrupted_run(me
 @pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus_file, tmp_path, capsys, request):
     stopped_dir = tmp_path / "stopped"
-    term = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")),
-                    _probe("SignalAt", step=6, micro_batch=0, signal="SIGTERM"))
-    process = _start(_args(corpus_file, stopped_dir, term))
+    run = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")), _probe("SignalAt"))
+    process = _start(_args(corpus_file, stopped_dir, run), signal_at="6:0:SIGTERM")
     uninterrupted, full_steps = request.getfixturevalue("uninterrupted_baseline")  # meanwhile, if not run yet
     stopped = _finish(process)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
@@ -186,8 +186,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(corpus
     assert torch.load(last, weights_only=True)["global_step"] == 6  # the step in progress finished, then saved
     preempted = read_summary(stopped_dir / "bert-demo" / "version_0")
     assert (preempted.status, preempted.optimizer_steps, preempted.checkpoint) == ("preempted", 6, str(last))
-    resume = _overlay(stopped_dir, _probe("RecordSteps", directory=str(stopped_dir / "steps")))
-    cli.main(_args(corpus_file, stopped_dir, resume, "--ckpt_path", "last"))
+    cli.main(_args(corpus_file, stopped_dir, run, "--ckpt_path", "last"))
     assert _outcome(stopped_dir / "bert-demo" / "version_0") == uninterrupted
     _assert_same_from(6, _steps(stopped_dir / "steps"), full_steps)
 
@@ -236,8 +235,8 @@ def test_a_damaged_checkpoint_stops_fit_before_any_work(corpus_file, tmp_path, c
     last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "6", "--ckpt_path", "last"))
+    with pytest.raises(SystemExit) as stopped:  # the same configuration: its newest checkpoint is the damaged one
+        cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3", "--ckpt_path", "last"))
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --ckpt_path last: the newest checkpoint {last} is truncated or corrupt")
@@ -541,3 +540,22 @@ def test_checkpoints_load_as_weights_only_and_one_that_needs_more_is_refused_wit
     cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "4", "--ckpt_path", str(foreign),
                              "--weights_only", "false"))  # the user's call: the run resumes
     assert "done: 4 steps" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_resumes_only_a_run_of_the_same_configuration(corpus_file, tmp_path, capsys):
+    """Defect 7: `--ckpt_path last` took the newest checkpoint under save_dir/name, so two runs that differ by an
+    override (a learning rate, a seed) and share a logger folder resumed each other's weights."""
+    out = tmp_path / "runs"
+    cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3"))
+    capsys.readouterr()
+    cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3", "--model.learning_rate", "1e-3",
+                           "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert "no checkpoint of this configuration" in err and "1 checkpoint(s) there are of other configurations" in err
+    other = read_summary(out / "bert-demo" / "version_1")  # a new run, from scratch, in its own version
+    assert other.optimizer_steps == 3
+    cli.main(tiny_fit_args(corpus_file, out, "--trainer.max_steps", "3", "--ckpt_path", "last"))
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'bert-demo' / 'version_0' / 'checkpoints'}" in err  # the run of this configuration
+    assert sorted(p.name for p in (out / "bert-demo").iterdir()) == ["version_0", "version_1"]

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 import cli
+from core.checkpoints import write_fingerprint
 from core.cost_table import CostTable
-from helpers import doc, run_until_exit, tiny_fit_args
+from helpers import doc, fit_fingerprint, run_until_exit, tiny_fit_args
 
 SECTION = "## When things go wrong"
 
@@ -197,7 +198,9 @@ def _(t, corpus, trained, capsys):
     damaged = t / "runs" / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(trained["checkpoint"].read_bytes()[:1000])
-    return _error(tiny_fit_args(corpus, t / "runs", "--ckpt_path", "last-good"), capsys)
+    args = tiny_fit_args(corpus, t / "runs", "--ckpt_path", "last-good")
+    write_fingerprint(damaged.parent.parent, fit_fingerprint(args))  # a run of this very configuration
+    return _error(args, capsys)
 
 
 @scenario("checkpoint: holds objects that need full unpickling")

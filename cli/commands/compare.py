@@ -1,5 +1,6 @@
 """``train.py compare --study FILE [--output DIR] [--launcher local|print|slurm] [--report] [--run ID]``: run the
-study's methods, budgets and seeds (skipping finished runs, continuing interrupted ones) and write its report."""
+study's methods, budgets and seeds (skipping finished runs of an unchanged configuration, continuing interrupted
+ones) and write its report."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "slurm: a job-array script")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs on disk")
     parser.add_argument("--run", help="run only this run (its id, e.g. baseline/60s/seed0; what print and slurm launch)")
+    parser.add_argument("--keep-stale", action="store_true", help="keep finished runs whose configuration changed since "
+                        "(marked stale in the report) instead of running them again")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -31,4 +34,4 @@ def run(args: argparse.Namespace) -> None:
     if args.report:
         write_report(study, log)
     else:
-        run_study(study, args.launcher, args.run, log)
+        run_study(study, args.launcher, args.run, log, keep_stale=args.keep_stale)
