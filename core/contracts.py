@@ -84,10 +84,10 @@ class ChargesWork(Protocol):
 class EstimatesHessian(Protocol):
     """An optimizer that needs a Hessian estimate every ``hessian_interval`` steps (Sophia) over
     ``hessian_micro_batches`` micro-batches of the step (``None``: all); ``free_hessian``: not charged.
-    The training module runs the passes, calls ``update_hessian()`` with their gradients and charges
-    them (``hessian/<k>`` in the ledger); ``plan`` charges them the same way. Before each step it calls
-    ``set_batch_positions`` with the loss positions of the step on every process, and it logs
-    ``win_rate`` (the share of coordinates whose last update was not clipped; ``None`` before a step)."""
+    The training module runs the passes, calls ``update_hessian()`` with their (unclipped) gradients, then
+    ``set_batch_positions`` with the number of labels the estimate sampled on all processes, and charges
+    the passes (``hessian/<k>`` in the ledger); ``plan`` charges them the same way. It logs ``win_rate``
+    (the share of coordinates whose last update was not clipped; ``None`` before a step)."""
 
     hessian_interval: int
     hessian_micro_batches: int | None
