@@ -4,7 +4,8 @@ Models (``lightning_modules/``) offer:
 
 - ``LayerControl``: their repeated blocks and a way to choose which of them run;
 - ``PerExampleLoss``: the training loss of each example, for batch selection;
-- ``ChargesWork``: a ``WorkLedger`` they charge every forward+backward pass and optimizer step to.
+- ``ChargesWork``: a ``WorkLedger`` they charge every forward+backward pass and optimizer step to;
+- ``SkipsOptimizerSteps``: a way to abandon the optimizer step in progress, so that it changes nothing.
 
 Callbacks (``callbacks/``) implement:
 
@@ -36,6 +37,7 @@ __all__ = [
     "LayerControl",
     "ModalOptimizer",
     "PerExampleLoss",
+    "SkipsOptimizerSteps",
 ]
 
 
@@ -97,6 +99,15 @@ class EstimatesHessian(Protocol):
     def set_batch_positions(self, positions: Any) -> None: ...
 
     def update_hessian(self) -> None: ...
+
+
+@runtime_checkable
+class SkipsOptimizerSteps(Protocol):
+    """A module whose optimizer step in progress can be abandoned: ``skip_optimizer_step()``, called from
+    ``on_before_optimizer_step`` (gradients complete, not yet clipped or applied), makes that step change
+    no parameter and no optimizer state, whatever the optimizer (``NonFiniteCheck(action="skip")``)."""
+
+    def skip_optimizer_step(self) -> None: ...
 
 
 @runtime_checkable

@@ -4,13 +4,14 @@ Optimizers with extra needs are served here: an ``EstimatesHessian`` (``SophiaG`
 ``hessian_interval`` steps, a Hessian estimate from labels sampled at the loss positions
 (``target_logits``) and the number of those labels (its ``bs``); ``MuonWithAdamW`` gets the hidden
 weight matrices as its own group; an optimizer with ``train()``/``eval()`` modes (schedule-free) is
-switched to ``eval`` for validation and for the weights a checkpoint stores.
+switched to ``eval`` for validation and for the weights a checkpoint stores. A check after backward can
+abandon an optimizer step (``skip_optimizer_step``, ``StepSkippingMixin``).
 
 Subclasses (``BertMLM``, ``T5SpanCorruption``) build a ``transformers`` model in ``__init__``, register
 its layer stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective
 on one batch) and ``per_example_loss``. The module implements the model-side contracts of
-``core/contracts.py`` (``LayerControl``, ``PerExampleLoss``, ``ChargesWork``) and reads budget
-progress from the run's ``BudgetClock``.
+``core/contracts.py`` (``LayerControl``, ``PerExampleLoss``, ``ChargesWork``, ``SkipsOptimizerSteps``)
+and reads budget progress from the run's ``BudgetClock``.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from lightning_modules.layer_control import LayerControlMixin
 from lightning_modules.optimizers import MuonWithAdamW
 from lightning_modules.parameter_groups import muon_parameter_groups, parameter_groups
 from lightning_modules.schedules import LRSchedule, ScheduleName
+from lightning_modules.step_skipping import StepSkippingMixin
 
 __all__ = ["PretrainingModule"]
 
 
-class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta):
+class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule, metaclass=ABCMeta):
     """Base class: optimizer from the CLI, LR schedule of budget progress, ledger charges, throughput.
 
     Args:
@@ -212,7 +214,8 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
+        if not self._skipping_step:  # an abandoned step (``skip_optimizer_step``) does no optimizer work
+            self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
 
     # ----- Sophia's Hessian estimate --------------------------------------------------------------
     def _hessian_estimator(self) -> EstimatesHessian | None:
@@ -222,13 +225,18 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step; then, every ``hessian_interval``-th step, Sophia's Hessian estimate on that step's
-        micro-batches, before the budget clock is synced, so the step is charged with its estimate."""
+        micro-batches, before the budget clock is synced, so the step is charged with its estimate. An
+        abandoned step (``skip_optimizer_step``) changes nothing and takes no estimate."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         estimator = self._hessian_estimator()
         step = self.trainer.global_step + 1  # this step, counted from 1 (Lightning counts it after this hook)
         if estimator is not None and self._hessian_batches and step % estimator.hessian_interval == 0:
             self.estimate_hessian(estimator, self._hessian_batches, step)
             self._hessian_batches = []
+
+    @override
+    def on_optimizer_step_skipped(self) -> None:
+        self._hessian_batches = []  # no Hessian estimate after an abandoned step
 
     def sampled_label_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """Gauss-Newton-Bartlett: cross-entropy of the model's logits against labels sampled from its own
