@@ -8,10 +8,14 @@ not yet clipped or applied):
 - ``action="stop"`` (default): raise ``NonFiniteError`` naming the optimizer step, the loss and the
   gradient norm. Nothing of that step is applied or saved, so ``last.ckpt`` stays the last good
   state; ``train.py`` prints the message and exits with status 2.
-- ``action="skip"``: drop that step's gradients (the optimizer leaves every parameter and its own
-  state unchanged), count it (``numerics/skipped_steps``, checkpointed) and continue. The work was
-  done, so the RST clock charges it. ``max_skips`` bounds the count: a run that keeps producing
-  non-finite numbers stops after that many.
+- ``action="skip"``: drop that step's gradients and abandon it (``skip_optimizer_step``, the module's
+  half of ``core.contracts.SkipsOptimizerSteps``, lightning_modules/step_skipping.py): every parameter
+  and the whole optimizer state (step counts, moments, schedule-free's weight sum, Sophia's Hessian
+  estimate) stay bit-identical, whatever the optimizer; no clipping, no optimizer-step charge, no
+  Hessian estimate. Lightning still counts the step (``global_step``) and the learning-rate schedule
+  moves on. The skip is counted (``numerics/skipped_steps``, checkpointed); the step's forward and
+  backward passes were done, so the RST clock charges them. ``max_skips`` bounds the count: a run
+  that keeps producing non-finite numbers stops after that many.
 
 Every rank takes the same decision: the check is all-reduced. ``train.py`` adds the callback with the
 default action to every ``fit`` that does not configure one. Cost: one reduction of the gradient norms
@@ -27,6 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from core.contracts import SkipsOptimizerSteps
 from core.errors import TrainingStopped, UserError
 
 __all__ = ["NonFiniteCheck", "NonFiniteError"]
@@ -40,7 +45,8 @@ class NonFiniteCheck(Callback):
     """Stop (or skip the step) when the loss or a gradient is not finite.
 
     Args:
-        action: ``stop`` raises ``NonFiniteError``; ``skip`` drops the step's gradients and continues.
+        action: ``stop`` raises ``NonFiniteError``; ``skip`` abandons the step (nothing of it is applied) and
+            continues; it needs a module that ``SkipsOptimizerSteps`` (every pre-training module).
         max_skips: with ``skip``, stop after this many skipped steps.
     """
 
@@ -53,6 +59,15 @@ class NonFiniteCheck(Callback):
         self.skipped_steps = 0
         self._loss: torch.Tensor | None = None  # all micro-batch losses of the step finite (a tensor: no sync)
         self._loss_value: torch.Tensor | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.action == "skip" and not isinstance(pl_module, SkipsOptimizerSteps):
+            raise UserError(
+                f"NonFiniteCheck action=skip needs a module that can abandon an optimizer step (core.contracts."
+                f"SkipsOptimizerSteps, e.g. lightning_modules.step_skipping.StepSkippingMixin); "
+                f"{type(pl_module).__name__} cannot: use action=stop"
+            )
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -83,7 +98,8 @@ class NonFiniteCheck(Callback):
         loss = float(self._loss_value) if self._loss_value is not None else float("nan")
         if self.action == "skip" and self.skipped_steps < self.max_skips:
             self.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
+            optimizer.zero_grad(set_to_none=True)
+            pl_module.skip_optimizer_step()
             return
         checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"

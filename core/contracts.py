@@ -4,7 +4,8 @@ Models (``lightning_modules/``) offer:
 
 - ``LayerControl``: their repeated blocks and a way to choose which of them run;
 - ``PerExampleLoss``: the training loss of each example, for batch selection;
-- ``ChargesWork``: a ``WorkLedger`` they charge every forward+backward pass and optimizer step to.
+- ``ChargesWork``: a ``WorkLedger`` they charge every forward+backward pass and optimizer step to;
+- ``SkipsOptimizerSteps``: a way to abandon the optimizer step in progress, so that it changes nothing.
 
 Callbacks (``callbacks/``) implement:
 
@@ -36,6 +37,7 @@ __all__ = [
     "LayerControl",
     "ModalOptimizer",
     "PerExampleLoss",
+    "SkipsOptimizerSteps",
 ]
 
 
@@ -84,10 +86,10 @@ class ChargesWork(Protocol):
 class EstimatesHessian(Protocol):
     """An optimizer that needs a Hessian estimate every ``hessian_interval`` steps (Sophia) over
     ``hessian_micro_batches`` micro-batches of the step (``None``: all); ``free_hessian``: not charged.
-    The training module runs the passes, calls ``update_hessian()`` with their gradients and charges
-    them (``hessian/<k>`` in the ledger); ``plan`` charges them the same way. Before each step it calls
-    ``set_batch_positions`` with the loss positions of the step on every process, and it logs
-    ``win_rate`` (the share of coordinates whose last update was not clipped; ``None`` before a step)."""
+    The training module runs the passes, calls ``update_hessian()`` with their (unclipped) gradients, then
+    ``set_batch_positions`` with the number of labels the estimate sampled on all processes, and charges
+    the passes (``hessian/<k>`` in the ledger); ``plan`` charges them the same way. It logs ``win_rate``
+    (the share of coordinates whose last update was not clipped; ``None`` before a step)."""
 
     hessian_interval: int
     hessian_micro_batches: int | None
@@ -97,6 +99,15 @@ class EstimatesHessian(Protocol):
     def set_batch_positions(self, positions: Any) -> None: ...
 
     def update_hessian(self) -> None: ...
+
+
+@runtime_checkable
+class SkipsOptimizerSteps(Protocol):
+    """A module whose optimizer step in progress can be abandoned: ``skip_optimizer_step()``, called from
+    ``on_before_optimizer_step`` (gradients complete, not yet clipped or applied), makes that step change
+    no parameter and no optimizer state, whatever the optimizer (``NonFiniteCheck(action="skip")``)."""
+
+    def skip_optimizer_step(self) -> None: ...
 
 
 @runtime_checkable

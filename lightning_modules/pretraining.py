@@ -1,16 +1,17 @@
 """What every pre-training LightningModule shares: optimizer, budget-progress schedule, work ledger.
 
-Optimizers with extra needs are served here: an ``EstimatesHessian`` (``SophiaG``) gets the number
-of target positions of each step and, every ``hessian_interval`` steps, a Hessian estimate from labels
-sampled at those positions (``target_logits``); ``MuonWithAdamW`` gets the hidden weight matrices as
-its own group; an optimizer with ``train()``/``eval()`` modes (schedule-free) is switched to ``eval`` for
-validation and for the weights a checkpoint stores.
+Optimizers with extra needs are served here: an ``EstimatesHessian`` (``SophiaG``) gets, every
+``hessian_interval`` steps, a Hessian estimate from labels sampled at the loss positions
+(``target_logits``) and the number of those labels (its ``bs``); ``MuonWithAdamW`` gets the hidden
+weight matrices as its own group; an optimizer with ``train()``/``eval()`` modes (schedule-free) is
+switched to ``eval`` for validation and for the weights a checkpoint stores. A check after backward can
+abandon an optimizer step (``skip_optimizer_step``, ``StepSkippingMixin``).
 
 Subclasses (``BertMLM``, ``T5SpanCorruption``) build a ``transformers`` model in ``__init__``, register
 its layer stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective
 on one batch) and ``per_example_loss``. The module implements the model-side contracts of
-``core/contracts.py`` (``LayerControl``, ``PerExampleLoss``, ``ChargesWork``) and reads budget
-progress from the run's ``BudgetClock``.
+``core/contracts.py`` (``LayerControl``, ``PerExampleLoss``, ``ChargesWork``, ``SkipsOptimizerSteps``)
+and reads budget progress from the run's ``BudgetClock``.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from lightning_modules.layer_control import LayerControlMixin
 from lightning_modules.optimizers import MuonWithAdamW
 from lightning_modules.parameter_groups import muon_parameter_groups, parameter_groups
 from lightning_modules.schedules import LRSchedule, ScheduleName
+from lightning_modules.step_skipping import StepSkippingMixin
 
 __all__ = ["PretrainingModule"]
 
 
-class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta):
+class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule, metaclass=ABCMeta):
     """Base class: optimizer from the CLI, LR schedule of budget progress, ledger charges, throughput.
 
     Args:
@@ -99,7 +101,6 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         self._tokens_in_window = 0
         self._window_start: float | None = None
         self._window_step = -1
-        self._target_positions: torch.Tensor | int = 0  # this step's loss positions (Sophia's bs)
         self._hessian_batches: list[dict[str, torch.Tensor]] = []  # micro-batches of a Hessian step
         self._hessian_seed = 0
 
@@ -213,30 +214,29 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
-        if isinstance(optimizer, EstimatesHessian):  # bs: the loss positions of this step on every process
-            positions = torch.as_tensor(self._target_positions, dtype=torch.float32, device=self.device)
-            optimizer.set_batch_positions(self.trainer.strategy.reduce(positions, reduce_op="sum"))
-        self._target_positions = 0
+        if not self._skipping_step:  # an abandoned step (``skip_optimizer_step``) does no optimizer work
+            self.work_ledger.charge_optimizer_step(type(optimizer).__name__)
 
     # ----- Sophia's Hessian estimate --------------------------------------------------------------
     def _hessian_estimator(self) -> EstimatesHessian | None:
-        trainer = self._trainer
-        if trainer is None or not trainer.optimizers:
-            return None
-        optimizer = trainer.optimizers[0]
-        return optimizer if isinstance(optimizer, EstimatesHessian) else None
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        return optimizers[0] if optimizers and isinstance(optimizers[0], EstimatesHessian) else None
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step; then, every ``hessian_interval``-th step, Sophia's Hessian estimate on that step's
-        micro-batches, before the budget clock is synced, so the step is charged with its estimate."""
+        micro-batches, before the budget clock is synced, so the step is charged with its estimate. An
+        abandoned step (``skip_optimizer_step``) changes nothing and takes no estimate."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         estimator = self._hessian_estimator()
         step = self.trainer.global_step + 1  # this step, counted from 1 (Lightning counts it after this hook)
         if estimator is not None and self._hessian_batches and step % estimator.hessian_interval == 0:
             self.estimate_hessian(estimator, self._hessian_batches, step)
             self._hessian_batches = []
+
+    @override
+    def on_optimizer_step_skipped(self) -> None:
+        self._hessian_batches = []  # no Hessian estimate after an abandoned step
 
     def sampled_label_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """Gauss-Newton-Bartlett: cross-entropy of the model's logits against labels sampled from its own
@@ -247,25 +247,30 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
         return F.cross_entropy(logits, sampled), int(sampled.numel())
 
     def estimate_hessian(self, optimizer: EstimatesHessian, batches: list[dict[str, torch.Tensor]], step: int) -> None:
-        """One Hessian estimate over ``batches`` (the micro-batches of optimizer ``step``): each
-        sampled-label loss divided by their number, gradients averaged over the processes and clipped
-        like training's, folded into the optimizer's estimate; charged at the forward+backward price."""
+        """One Hessian estimate over ``batches`` (the micro-batches of optimizer ``step``; Liu et al. 2023,
+        Algorithms 2 and 3): each sampled-label loss divided by their number, gradients averaged over the
+        processes, not clipped (clipping would shrink the estimate by (c / ||g_hat||)^2, changing rho), folded
+        into the optimizer's estimate; its ``bs`` set to B, the labels sampled on all processes (the loss is a
+        mean over them); charged at the forward+backward price."""
         trainer = self.trainer
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=True)
         generator = torch.Generator(device=self.device).manual_seed(hash((self._hessian_seed, step)) & 0x7FFFFFFF)
+        positions = 0
         with trainer.precision_plugin.forward_context():
             for batch in batches:
-                loss, _ = self.sampled_label_loss(batch, generator)
+                loss, labels = self.sampled_label_loss(batch, generator)
                 (loss / len(batches)).backward()
+                positions += labels
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             for p in params:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(trainer.world_size)
-        if trainer.gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], trainer.gradient_clip_val)
+            positions = torch.tensor(float(positions), device=self.device)
+            torch.distributed.all_reduce(positions)  # summed over the processes, on the device (no sync)
         optimizer.update_hessian()
+        optimizer.set_batch_positions(positions)
         optimizer.zero_grad(set_to_none=True)
         if not optimizer.free_hessian:
             for batch in batches:
@@ -288,14 +293,12 @@ class PretrainingModule(LayerControlMixin, L.LightningModule, metaclass=ABCMeta)
     # ----- steps --------------------------------------------------------------------------------
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, targets = self.compute_loss(batch)
+        loss, _ = self.compute_loss(batch)
         estimator = self._hessian_estimator()
-        if estimator is not None:
-            self._target_positions = self._target_positions + targets
-            if (self.trainer.global_step + 1) % estimator.hessian_interval == 0 and (
-                estimator.hessian_micro_batches is None or len(self._hessian_batches) < estimator.hessian_micro_batches
-            ):
-                self._hessian_batches.append(batch)
+        if estimator is not None and (self.trainer.global_step + 1) % estimator.hessian_interval == 0 and (
+            estimator.hessian_micro_batches is None or len(self._hessian_batches) < estimator.hessian_micro_batches
+        ):
+            self._hessian_batches.append(batch)
         examples = int(batch[INPUT_IDS].shape[0])
         self.work_ledger.charge_fwd_bwd(self.num_active_layers, examples)
         self.log("train/loss", loss, prog_bar=True, batch_size=examples)

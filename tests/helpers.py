@@ -4,7 +4,7 @@ TensorBoard reading."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -68,10 +68,10 @@ class StepLosses(L.Callback):
 
 def fit_tiny_bert(out: Path, corpus: Path, optimizer: Callable, *, lr_schedule: str = "triangle",
                   warmup_fraction: float = 0.0, max_steps: int = 16, ckpt_path: Path | None = None, every: int = 0,
-                  accumulate: int = 1):
+                  accumulate: int = 1, callbacks: Sequence[L.Callback] = (), plugins: Sequence = ()):
     """Seed 0 and fit a tiny ``BertMLM`` with ``optimizer`` (a function of the parameter groups) in ``out``:
-    validation every 8 steps, a checkpoint every ``every`` steps (``out/ckpt/step=N.ckpt``; 0: none).
-    Returns the trainer, the model and the ``StepLosses`` of the fit."""
+    validation every 8 steps, a checkpoint every ``every`` steps (``out/ckpt/step=N.ckpt``; 0: none), and
+    ``callbacks`` after the loss probe, the trainer ``plugins``. Returns the trainer, the model and the ``StepLosses`` of the fit."""
     from datamodules import MLMDataModule
     from lightning_modules.bert_mlm import BertMLM
 
@@ -79,14 +79,14 @@ def fit_tiny_bert(out: Path, corpus: Path, optimizer: Callable, *, lr_schedule: 
     model = BertMLM(**tiny_bert_args(), optimizer=optimizer, lr_schedule=lr_schedule, warmup_fraction=warmup_fraction)
     data = MLMDataModule(**tiny_mlm_data_args(corpus))
     probe = StepLosses()
-    callbacks = [probe]
+    callbacks = [probe, *callbacks]
     if every:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=every,
                                                              save_top_k=-1, filename="{step}"))
     trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=bool(every),
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=8,
                         check_val_every_n_epoch=None, limit_val_batches=1, default_root_dir=out,
-                        accumulate_grad_batches=accumulate)
+                        accumulate_grad_batches=accumulate, plugins=list(plugins))
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer, model, probe
 

@@ -130,6 +130,16 @@ def _expected_hessian(model, batch, generator_seed, beta2=0.99):
     return expected
 
 
+class _EstimateTrainer:
+    """What ``estimate_hessian`` reads of a trainer: one process, no mixed precision."""
+
+    world_size = 1
+    precision_plugin = L.pytorch.plugins.precision.Precision()
+
+    def __init__(self, gradient_clip_val: float | None = None) -> None:
+        self.gradient_clip_val = gradient_clip_val
+
+
 @pytest.mark.parametrize("family", ["bert", "t5"])
 def test_the_hessian_comes_from_vocabulary_logits_at_labelled_positions(family):
     torch.manual_seed(0)
@@ -146,17 +156,57 @@ def test_the_hessian_comes_from_vocabulary_logits_at_labelled_positions(family):
     step, seed = 10, 0
     expected = _expected_hessian(model, batch, hash((seed, step)) & 0x7FFFFFFF)
     optimizer = SophiaG(model.parameters(), betas=(0.965, 0.99))
-
-    class Trainer:  # what estimate_hessian reads
-        world_size, gradient_clip_val = 1, None
-        precision_plugin = L.pytorch.plugins.precision.Precision()
-
-    model._trainer = Trainer()
+    model._trainer = _EstimateTrainer()
     model.estimate_hessian(optimizer, [batch], step)
     for name, p in model.named_parameters():
         if name in expected:
             assert torch.allclose(optimizer.state[p]["hessian"], expected[name], rtol=1e-5, atol=1e-12), name
     assert dict(model.work_ledger.counts) == {"hessian/2": float(batch[INPUT_IDS].shape[0])}
+
+
+def test_the_hessian_estimate_is_the_unclipped_gradient_and_bs_its_label_count():
+    """Guards Liu et al. 2023, Algorithms 2 and 3: ``h <- beta2 h + (1 - beta2) g_hat^2`` with ``g_hat`` the
+    sampled-label gradient as it is, and ``bs`` = B, the labels that loss averaged over. The module used to
+    clip ``g_hat`` at training's ``gradient_clip_val`` (h shrank by (c / ||g_hat||)^2, the effective rho
+    grew by as much) and to leave ``bs`` to the training step. ``bs`` survives a state-dict round trip."""
+    torch.manual_seed(0)
+    model, batch = BertMLM(**tiny_bert_args()), _bert_batch()
+    step, clip, beta2 = 10, 1e-4, 0.99
+    expected = _expected_hessian(model, batch, hash((0, step)) & 0x7FFFFFFF, beta2)
+    norm = (sum(float(h.sum()) for h in expected.values()) / (1 - beta2)) ** 0.5  # ||g_hat||
+    assert norm > 100 * clip  # a clip at `clip` would shrink h by (clip / norm)^2 < 1e-4
+    optimizer = SophiaG(model.parameters(), betas=(0.965, beta2))
+    model._trainer = _EstimateTrainer(gradient_clip_val=clip)
+    model.estimate_hessian(optimizer, [batch], step)
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert torch.allclose(optimizer.state[p]["hessian"], expected[name], rtol=1e-5, atol=1e-12), name
+    labels = int((batch[LABELS] != IGNORE_INDEX).sum())
+    assert optimizer.batch_positions == labels
+    restored = SophiaG(model.parameters())
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.batch_positions == labels
+
+
+@pytest.mark.slow
+def test_sophias_bs_counts_the_labels_of_the_hessian_micro_batches_only(corpus_file, tmp_path, monkeypatch):
+    """Guards ``bs`` = B of Liu et al. 2023's Algorithm 2 (the estimator is B g_hat^2, B the batch the
+    estimate is taken on), not the labels of every micro-batch of the step: with ``hessian_micro_batches=1``
+    of 2, the estimate uses the first micro-batch and ``bs`` is its label count (it was both counts: with
+    the paper's BERT, 6 of 12 micro-batches, rho acted twice as large)."""
+    labels: list[tuple[int, int]] = []
+    training_step = BertMLM.training_step
+
+    def counting(self, batch, batch_idx):
+        labels.append((self.trainer.global_step + 1, int((batch[LABELS] != IGNORE_INDEX).sum())))
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(BertMLM, "training_step", counting)
+    sophia = lambda groups: SophiaG(groups, lr=2e-3, hessian_interval=3, hessian_micro_batches=1)  # noqa: E731
+    trainer, model, _ = fit_tiny_bert(tmp_path, corpus_file, sophia, max_steps=3, accumulate=2)
+    first, second = (n for step, n in labels if step == 3)
+    assert float(trainer.optimizers[0].batch_positions) == first and second > 0
+    assert dict(model.work_ledger.counts)["hessian/2"] == 16.0  # one micro-batch of 16 sequences
 
 
 # --------------------------------------------------------------------------- Muon

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -329,6 +331,125 @@ def test_skip_drops_the_step_counts_it_and_continues(corpus_file, tmp_path, caps
     assert steps == {10}
     counts = next(v for k, v in state["callbacks"].items() if k.startswith("NonFiniteCheck"))
     assert counts == {"skipped_steps": 2}
+
+
+def _snapshot(module, optimizer) -> tuple:
+    return [p.detach().clone() for p in module.parameters()], copy.deepcopy(optimizer.state_dict())
+
+
+def _assert_identical(a, b, where: str = "") -> None:
+    """Bit-identical: ``torch.equal`` (and the dtype) on every tensor, ``==`` on everything else."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_identical(x, y, f"{where}/{i}")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+class _PoisonAndSnapshot(L.Callback):
+    """Makes optimizer step ``step`` (counted from 1) non-finite, ``where="gradient"``: one gradient set to
+    infinity after the backward; ``where="loss"``: one weight set to NaN for the forward (restored before
+    the optimizer step). Snapshots the parameters and the optimizer's state dict before and after the step."""
+
+    def __init__(self, step: int, where: str = "gradient") -> None:
+        self.step, self.where, self.before, self.after, self._saved = step, where, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step and self.before is None:
+            self.before = _snapshot(pl_module, trainer.optimizers[0])
+            if self.where == "loss":
+                with torch.no_grad():
+                    self._saved = next(pl_module.parameters()).clone()
+                    next(pl_module.parameters()).fill_(float("nan"))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step + 1 == self.step and self.where == "gradient":
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._saved is not None:
+            with torch.no_grad():
+                next(pl_module.parameters()).copy_(self._saved)
+            self._saved = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.after is None:
+            self.after = _snapshot(pl_module, trainer.optimizers[0])
+
+
+def _skip_optimizers() -> dict:
+    from pytorch_optimizer import ScheduleFreeAdamW
+
+    from lightning_modules.optimizers import AdamWScale, Lion, SophiaG
+
+    return {
+        "adamw-foreach": lambda groups: torch.optim.AdamW(groups, lr=1e-3, foreach=True),
+        "adamw-fused": lambda groups: torch.optim.AdamW(groups, lr=1e-3, fused=True),
+        "adamw-scale": lambda groups: AdamWScale(groups, lr=1e-2),
+        "schedule-free": lambda groups: ScheduleFreeAdamW(groups, lr=5e-3),
+        "lion": lambda groups: Lion(groups, lr=1e-3),
+        "sophia": lambda groups: SophiaG(groups, lr=2e-3, hessian_interval=2),  # step 2 would estimate
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw-foreach", "adamw-fused", "adamw-scale", "schedule-free", "lion", "sophia"])
+def test_a_skipped_step_leaves_parameters_and_the_whole_optimizer_state_bit_identical(name, corpus_file, tmp_path):
+    """Guards NonFiniteCheck(action="skip")'s promise, for every optimizer the project ships: a skipped step
+    changes no parameter and no optimizer state (step counts, moments, schedule-free AdamW's weight sum and
+    step, Sophia's Hessian estimate and bs). Dropping the gradients alone let schedule-free AdamW count the
+    step and Sophia take that step's Hessian estimate; now the step is abandoned before the optimizer runs."""
+    from callbacks.numerics import NonFiniteCheck
+    from helpers import fit_tiny_bert
+
+    probe, check = _PoisonAndSnapshot(step=2), NonFiniteCheck(action="skip")
+    trainer, model, _ = fit_tiny_bert(tmp_path, corpus_file, _skip_optimizers()[name], lr_schedule="constant",
+                                      max_steps=3, callbacks=[probe, check])
+    assert trainer.global_step == 3 and check.skipped_steps == 1
+    assert probe.before is not None and probe.after is not None
+    _assert_identical(probe.before[0], probe.after[0], "parameters")
+    _assert_identical(probe.before[1], probe.after[1], "optimizer")
+    assert probe.before[1]["state"]  # step 1 was taken: there was state to keep
+    assert sum(n for kind, n in model.work_ledger.counts.items() if kind.startswith("optimizer_step/")) == 2.0
+    assert any(not torch.equal(a, p) for a, p in zip(probe.after[0], model.parameters(), strict=True))  # step 3 ran
+
+
+@pytest.mark.slow
+def test_a_skipped_fp16_step_leaves_the_loss_scaler_ready_for_the_next_step(corpus_file, tmp_path):
+    """Guards skipping under fp16 loss scaling (Lightning unscales the gradients before the hooks, and calls
+    the scaler's update() only after the optimizer step): the abandoned step must end the scaler's step, or
+    the next one fails with "unscale_() has already been called". The scale and the optimizer state stay."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from callbacks.numerics import NonFiniteCheck
+    from helpers import fit_tiny_bert
+
+    probe, check = _PoisonAndSnapshot(step=2, where="loss"), NonFiniteCheck(action="skip")
+    trainer, _, _ = fit_tiny_bert(tmp_path, corpus_file, lambda groups: torch.optim.AdamW(groups, lr=1e-3),
+                                  lr_schedule="constant", max_steps=4, callbacks=[probe, check],
+                                  plugins=[MixedPrecision("16-mixed", "cpu")])
+    assert trainer.global_step == 4 and check.skipped_steps == 1
+    _assert_identical(probe.before[0], probe.after[0], "parameters")
+    _assert_identical(probe.before[1], probe.after[1], "optimizer")
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**16  # the initial scale, untouched
+
+
+def test_skip_is_refused_for_a_module_that_cannot_abandon_a_step():
+    """Guards the same promise for modules other than the pre-training ones: dropping gradients cannot keep
+    every optimizer's state, so ``action=skip`` needs ``SkipsOptimizerSteps`` and says so at start-up."""
+    from callbacks.numerics import NonFiniteCheck
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="cannot: use action=stop"):
+        NonFiniteCheck(action="skip").setup(None, L.LightningModule(), "fit")
+    NonFiniteCheck(action="stop").setup(None, L.LightningModule(), "fit")
 
 
 # --------------------------------------------------------------------------- runs side by side

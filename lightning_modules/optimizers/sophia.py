@@ -4,8 +4,8 @@ Gauss-Newton-Bartlett estimate of the Hessian diagonal.
 
 It implements the ``EstimatesHessian`` contract (core/contracts.py): the training module finds it by that
 type, keeps the micro-batches of every ``hessian_interval``-th step and calls ``update_hessian`` with the
-gradients of the loss against labels sampled from the model's own output distribution (Liu et al.,
-Algorithm 2). ``rms_scale=True`` is the T5 variant the paper ran: the rate of each tensor multiplied by
+gradients, neither clipped nor rescaled, of the loss against labels sampled from the model's own output
+distribution (Liu et al., Algorithm 2), then ``set_batch_positions`` with the number of those labels. ``rms_scale=True`` is the T5 variant the paper ran: the rate of each tensor multiplied by
 ``max(1e-3, RMS(theta))``, as ``AdamWScale``; weight decay uses the unscaled rate.
 """
 
@@ -30,17 +30,28 @@ class SophiaG(_PerTensorOptimizer):
         m     <- beta1 * m + (1 - beta1) * g
         theta <- theta - lr * sign(m) * min(|m| / (rho * bs * h + 1e-15), 1)
 
-    where ``bs`` is the number of positions the loss averaged over in this step, on every process
-    (``set_batch_positions``). Every ``hessian_interval`` steps the training module computes the loss
-    against labels *sampled* from the model's own output distribution at those positions and calls
-    ``update_hessian``: ``h <- beta2 * h + (1 - beta2) * g_hat^2``. The share of coordinates whose update
-    is not clipped, the quantity Sophia's authors tune ``rho`` by, is ``win_rate`` after each step.
+    Every ``hessian_interval`` steps the training module takes the loss against labels *sampled* from the
+    model's own output distribution at the loss positions of ``hessian_micro_batches`` micro-batches of
+    the step (a mean over those B positions, the gradients averaged over the processes), and calls
+    ``update_hessian`` with its gradient ``g_hat``, unclipped: ``h <- beta2 * h + (1 - beta2) * g_hat^2``;
+    then ``set_batch_positions(B)``.
+
+    ``bs`` is that B: the number of sampled labels the last estimate averaged over, summed over the
+    processes (kept in the state dict). Liu et al.'s Algorithm 2 returns the estimator ``B * g_hat^2``
+    and Algorithm 3 steps by ``clip(m / max(gamma * h_paper, eps), 1)``, with ``h_paper`` the EMA of those
+    estimators. Here ``h`` is the EMA of ``g_hat^2`` (as in their code) and ``bs * h = h_paper``, so
+    ``rho`` is the paper's ``gamma`` (exactly so while B is the same at every estimate; BERT's masked
+    count varies by a few per cent). B is the Hessian batch, not the step's batch: an estimate over half
+    of the micro-batches has a ``g_hat^2`` about twice as large, and B half as large, so ``rho`` keeps
+    its meaning whatever ``hessian_micro_batches`` is. Before the first estimate ``h = 0`` and ``bs`` does
+    not matter (every coordinate steps by ``lr * sign(m)``). The share of coordinates whose update is not
+    clipped, the quantity Sophia's authors tune ``rho`` by, is ``win_rate`` after each step.
 
     Args:
         params: parameters or parameter groups.
         lr: learning rate (paper: BERT 4e-4; T5 1e-3 with ``rms_scale``).
         betas: ``(beta1, beta2)`` (Liu et al.: 0.965, 0.99).
-        rho: clipping scale (paper: 0.01 for both models).
+        rho: clipping scale, Liu et al.'s gamma (paper: 0.01 for both models; see ``bs`` above).
         weight_decay: decoupled weight decay (paper BERT: 0.015; Liu et al.: 0.1 or 0.2).
         hessian_interval: optimizer steps between Hessian estimates (paper and Liu et al.: 10).
         hessian_micro_batches: micro-batches of a step used for an estimate (``None``: all of them;
@@ -78,8 +89,20 @@ class SophiaG(_PerTensorOptimizer):
         self.win_rate: torch.Tensor | None = None
 
     def set_batch_positions(self, positions: float | torch.Tensor) -> None:
-        """``bs`` of the next step: the positions the loss averaged over, summed over the processes."""
+        """``bs`` from now on: the labels the Hessian estimate just folded in averaged over, summed over the
+        processes (Liu et al. 2023, Algorithm 2's B)."""
         self.batch_positions = positions
+
+    def state_dict(self) -> dict:
+        """``torch.optim``'s state dict and ``bs`` (set only at an estimate: a resume needs it before the next)."""
+        return {**super().state_dict(), "batch_positions": float(self.batch_positions)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        positions = state_dict.pop("batch_positions", None)
+        super().load_state_dict(state_dict)
+        if positions is not None:
+            self.batch_positions = float(positions)
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -91,7 +114,8 @@ class SophiaG(_PerTensorOptimizer):
 
     @torch.no_grad()
     def update_hessian(self) -> None:
-        """Fold the current gradients (of the sampled-label loss) into the Hessian estimate."""
+        """Fold the current gradients (of the sampled-label loss, unclipped) into the Hessian estimate:
+        ``h <- beta2 * h + (1 - beta2) * g_hat^2`` (Liu et al. 2023, Algorithm 3, with ``B`` in ``bs``)."""
         for group in self.param_groups:
             beta2 = group["betas"][1]
             for p in group["params"]:
