@@ -240,6 +240,12 @@ def _(t, corpus, trained, capsys):
     return _error(["compare", "--study", str(_study(t, "name: s\nbudget: 60s\n"))], capsys)
 
 
+@scenario("study file: a repeated seed")
+def _(t, corpus, trained, capsys):
+    text = "name: s\nbase: configs/bert/demo.yaml\nbudgets: [60s]\nseeds: [0, 0]\nmethods:\n  - name: baseline\n"
+    return _error(["compare", "--study", str(_study(t, text))], capsys)
+
+
 @scenario("study file: no baseline method")
 def _(t, corpus, trained, capsys):
     text = "name: s\nbase: configs/bert/demo.yaml\nbudgets: [60s]\nmethods:\n  - name: stacking\n"
