@@ -36,8 +36,8 @@ def score_training_examples(trainer, model, datamodule, checkpoint: str | Path, 
     """Write the irreducible loss of every training example (``output``, float32) and its JSON sidecar.
 
     The model of ``checkpoint`` scores the *training* split (``example_id`` order) with exactly the
-    training masks of passes ``0 .. passes-1`` (``data.mask_seed``; RhoLoss masks pass ``p`` like
-    ``p mod passes``), forward only, under the trainer's precision. The array is ``(examples,)`` for one
+    training masks of passes ``0 .. passes-1`` (the run's mask seed: ``data.mask_seed``, by default the
+    ``seed_everything`` the command sets; RhoLoss refuses a run that reads more passes), forward only, under the trainer's precision. The array is ``(examples,)`` for one
     pass, ``(passes, examples)`` otherwise. The sidecar identifies the examples (corpus fingerprint,
     split seed and fractions, tokenizer hash, masking, count, input-id hash) and reports the RST of the
     irreducible model: its training (from the checkpoint's budget) and this scoring (priced with the

@@ -11,8 +11,9 @@ so E[active layers] = L - (1 - theta)(L + 1) / 2, which is (3L - 1) / 4 at satur
 theta_bar = 0.5. Paper: gamma_f = 100 (BERT), 20 (T5), theta_bar = 0.5; no residual rescaling
 (``rescale_residual=False``, the paper's code); ``True`` divides each kept layer's residual branch
 by its keep probability, as the original PLD. The active set is drawn once per optimizer step from
-a generator seeded by ``(seed, step)``, so every rank drops the same layers and a resumed run draws
-what an uninterrupted one would. All layers run in validation and test. If every droppable layer
+a generator seeded by ``(seed, step)`` (the run's seed unless ``seed`` is set; ``core/seeds.py``), so every
+rank drops the same layers, a resumed run draws what an uninterrupted one would, and another seed draws
+other layers. All layers run in validation and test. If every droppable layer
 is dropped, the first stays (the paper's code then ran *all* layers). Layers the model requires
 (T5 block 0) are never dropped.
 """
@@ -31,6 +32,7 @@ from typing_extensions import override
 from callbacks.architecture import check_depth_schedule
 from core.contracts import DepthSchedule
 from core.errors import UserError
+from core.seeds import check_resumed_seed, resolve_seed
 
 __all__ = ["LayerDropping", "drop_probabilities", "expected_active_layers", "keep_level", "sample_active_layers"]
 
@@ -75,12 +77,14 @@ class LayerDropping(Callback, DepthSchedule):
         theta_bar: the keep level it falls to (paper: 0.5).
         rescale_residual: divide each kept layer's residual branch by its keep probability (original
             PLD); ``False`` is the paper's code.
-        seed: seed of the per-step draws (the same on every rank).
+        seed: seed of the per-step draws (the same on every rank); ``None`` (default): the run's seed
+            (``seed_everything``), resolved at setup (``train.py plan``: when it plans) and checked on resume.
     """
 
     depth_is_persistent = False  # checkpoints store all layers: the per-step draw is not part of the model
 
-    def __init__(self, gamma_f: float = 100.0, theta_bar: float = 0.5, rescale_residual: bool = False, seed: int = 0):
+    def __init__(self, gamma_f: float = 100.0, theta_bar: float = 0.5, rescale_residual: bool = False,
+                 seed: int | None = None):
         super().__init__()
         if gamma_f < 0:
             raise UserError(f"LayerDropping gamma_f={gamma_f} must be >= 0 (paper: 100 for BERT, 20 for T5)")
@@ -90,6 +94,7 @@ class LayerDropping(Callback, DepthSchedule):
         self.theta_bar = theta_bar
         self.rescale_residual = rescale_residual
         self.seed = seed
+        self._draw_seed: int | None = None  # the seed resolved at setup
         self._theta = 1.0
         self._keep: list[float] = []  # per-layer keep probabilities of the current step (rescaling)
         self._checked_step = -1
@@ -101,7 +106,12 @@ class LayerDropping(Callback, DepthSchedule):
     def draw(self, tau: float, step: int, num_layers: int, required: Sequence[int] = ()) -> list[int]:
         """The layers that run at optimizer step ``step`` with budget progress ``tau``."""
         theta = keep_level(tau, self.gamma_f, self.theta_bar)
-        return sample_active_layers(theta, num_layers, step_generator(self.seed, step), required)
+        return sample_active_layers(theta, num_layers, step_generator(self.draw_seed, step), required)
+
+    @property
+    def draw_seed(self) -> int:
+        """The seed of the draws: ``seed``, or the run's seed (resolved at setup; before it, now)."""
+        return self._draw_seed if self._draw_seed is not None else resolve_seed(self.seed)
 
     def planned_active_layers(self, tau: float, num_layers: int, step: int = 0, required: Sequence[int] = ()) -> int:
         """For ``train.py plan``: the number of layers the run will draw at this step (the same draw)."""
@@ -115,6 +125,7 @@ class LayerDropping(Callback, DepthSchedule):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._draw_seed = resolve_seed(self.seed)
         check_depth_schedule(self, trainer, pl_module)
         if self.rescale_residual and not self._hooks:
             for stack in pl_module.layer_stacks():
@@ -200,7 +211,7 @@ class LayerDropping(Callback, DepthSchedule):
     @override
     def state_dict(self) -> dict[str, Any]:
         # draws derive from (seed, step); the last draw is kept for what runs before the next one
-        state: dict[str, Any] = {"seed": self.seed}
+        state: dict[str, Any] = {"seed": self.draw_seed}
         if self._last_draw:
             state.update(theta=self._theta, active_layers=list(self._last_draw))
         return state
@@ -209,8 +220,4 @@ class LayerDropping(Callback, DepthSchedule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("active_layers"):
             self._resumed_draw = (float(state_dict["theta"]), [int(i) for i in state_dict["active_layers"]])
-        if int(state_dict.get("seed", self.seed)) != self.seed:
-            raise UserError(
-                f"LayerDropping seed={self.seed}, but the checkpoint was trained with seed={state_dict['seed']}: "
-                "resume with the same seed"
-            )
+        check_resumed_seed("LayerDropping seed", self.draw_seed, state_dict.get("seed"))

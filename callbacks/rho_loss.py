@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from callbacks.batch_selection import BatchSelection
@@ -23,6 +23,7 @@ from core.batch import EXAMPLE_ID, PASS_INDEX
 from core.batch_dicts import Batch, concat_batches, count_examples, split_batch
 from core.errors import UserError
 from core.irreducible_losses import load_irreducible_losses
+from core.planning import passes_read, planned_optimizer_steps
 from core.selection import top_k_indices
 
 __all__ = ["RhoLoss", "load_irreducible_model"]
@@ -38,9 +39,14 @@ class RhoLoss(BatchSelection):
 
     Args:
         ratio: share of each mega-batch trained (paper: 0.5, 1536 of 3072; Mindermann et al.: 0.1).
-        irreducible_losses: the ``.npy`` written by ``train.py score`` (its ``.json`` sidecar beside it).
-            Pass ``p`` of training is masked like pass ``p mod P`` of a file scored for ``P`` passes, so
-            each irreducible loss is for the very masks the example trains with.
+        irreducible_losses: the ``.npy`` written by ``train.py score`` (its ``.json`` sidecar beside it), scored
+            with this run's masking (mask seed: the run's ``seed_everything`` unless ``data.mask_seed`` is set)
+            for at least the passes the run reads: each irreducible loss is then for the very masks the example
+            trains with. A run that would read more passes than the file holds is refused at start-up
+            (the passes come from ``train.py plan``'s simulation of the budget, or ``trainer.max_steps``).
+        allow_pass_reuse: run anyway when the run reads more passes than the file was scored for: pass ``p`` is
+            then masked like pass ``p mod P`` of a file of ``P`` passes, so later passes repeat earlier masks
+            while a baseline draws fresh ones every pass (a confound; warned once).
         irreducible_model: instead of a file, a checkpoint of the irreducible-loss model (same
             architecture) that scores every candidate online; its forwards are charged too.
         free_selection: do not charge the scoring forwards (the paper's ablation).
@@ -52,6 +58,7 @@ class RhoLoss(BatchSelection):
         irreducible_losses: str | None = None,
         irreducible_model: str | None = None,
         free_selection: bool = False,
+        allow_pass_reuse: bool = False,
     ) -> None:
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"RhoLoss ratio={ratio} must be in (0, 1], e.g. 0.5 (the paper's 1536 of 3072)")
@@ -63,6 +70,7 @@ class RhoLoss(BatchSelection):
         self.ratio = float(ratio)
         self.irreducible_losses = irreducible_losses
         self.irreducible_model = irreducible_model
+        self.allow_pass_reuse = bool(allow_pass_reuse)
         self._table: np.ndarray | None = None  # (passes, examples)
         self._costs: dict[str, Any] = {}  # what the irreducible model cost (from the sidecar)
         self._model = None
@@ -108,8 +116,34 @@ class RhoLoss(BatchSelection):
                 f"its model trained for {_seconds(costs.get('training_rst_seconds'))} and scoring cost "
                 f"{_seconds(costs.get('scoring_rst_seconds'))} RST-seconds, not charged to this run's budget."
             )
+            self._check_passes(trainer, pl_module, data)
         else:
             self._model = load_irreducible_model(self.irreducible_model, pl_module)
+
+    def _check_passes(self, trainer, pl_module, data) -> None:
+        """Refuse a run that reads more passes of the training split than the file holds masks for (point 10 of
+        the study design: past the scored passes RHO-loss would reuse masks the baseline draws afresh)."""
+        scored = int(self._table.shape[0])
+        steps = planned_optimizer_steps(trainer, pl_module, data)
+        if steps is None:
+            rank_zero_warn(
+                f"RhoLoss: this run's optimizer steps are not known in advance (a wall-clock budget or none), so "
+                f"whether it reads past the {scored} pass(es) {self.irreducible_losses} was scored for is not checked"
+            )
+            return
+        passes = passes_read(steps, self.mega_batch, data.batch_size, data.candidate_batches_per_pass())
+        if passes <= scored:
+            return
+        message = (
+            f"RhoLoss: this run's {steps} optimizer steps read {passes} passes of the training split, but "
+            f"{self.irreducible_losses} was scored for {scored}: passes {scored}+ would repeat earlier passes' masks "
+            f"while the baseline draws fresh ones; score {passes} passes with `python train.py score --config <this "
+            f"run's config> --config <the irreducible overlay> --ckpt_path <its checkpoint> --output "
+            f"{self.irreducible_losses} --passes {passes} --seed_everything {data.training_mask_seed}`"
+        )
+        if not self.allow_pass_reuse:
+            raise UserError(f"{message}, or set allow_pass_reuse: true")
+        rank_zero_warn(f"{message}; allow_pass_reuse: true, so pass p is masked like pass p mod {scored}")
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
 from callbacks.batch_selection import BatchSelection
 from core.batch import EXAMPLE_ID, PASS_INDEX
 from core.batch_dicts import Batch
 from core.errors import UserError
+from core.seeds import check_resumed_seed, resolve_seed
 from core.selection import LossHistory, expected_keep_rate, keep_probabilities, keep_uniforms
 
 __all__ = ["SelectiveBackprop"]
@@ -34,7 +36,8 @@ class SelectiveBackprop(BatchSelection):
         floor: the least keep probability of any candidate.
         prime_batches: candidate micro-batches (per process) at the start of training that are all kept;
             their losses still fill the history.
-        seed: seed of the keep draws (a function of seed, pass and example id).
+        seed: seed of the keep draws (a function of seed, pass and example id); ``None`` (default): the run's
+            seed (``seed_everything``; ``core/seeds.py``), resolved at setup and checked on resume.
         free_selection: do not charge the scoring forwards (the paper's ablation).
     """
 
@@ -44,7 +47,7 @@ class SelectiveBackprop(BatchSelection):
         history: int = 1024,
         floor: float = 0.0,
         prime_batches: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         free_selection: bool = False,
     ) -> None:
         if beta <= 0:
@@ -56,8 +59,30 @@ class SelectiveBackprop(BatchSelection):
         if prime_batches < 0:
             raise UserError(f"SelectiveBackprop prime_batches={prime_batches} must be >= 0")
         self.beta, self.history_size, self.floor = float(beta), int(history), float(floor)
-        self.prime_batches, self.seed = int(prime_batches), int(seed)
+        self.prime_batches = int(prime_batches)
+        self.seed = None if seed is None else int(seed)
+        self._keep_seed: int | None = None  # the seed resolved at setup
         super().__init__(free_selection=free_selection)
+
+    @property
+    def keep_seed(self) -> int:
+        """The seed of the keep draws: ``seed``, or the run's seed (resolved at setup; before it, now)."""
+        return self._keep_seed if self._keep_seed is not None else resolve_seed(self.seed)
+
+    @override
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._keep_seed = resolve_seed(self.seed)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "seed": self.keep_seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_resumed_seed("SelectiveBackprop seed", self.keep_seed, state_dict.get("seed"))
+        super().load_state_dict(state_dict)
 
     def _reset_state(self) -> None:
         super()._reset_state()
@@ -79,6 +104,6 @@ class SelectiveBackprop(BatchSelection):
         if self.prime_batches and self.candidate_batches <= self.prime_batches:  # the first prime_batches
             kept = np.ones(len(losses), dtype=bool)
         else:
-            uniforms = keep_uniforms(self.seed, candidates[PASS_INDEX].tolist(), candidates[EXAMPLE_ID].tolist())
+            uniforms = keep_uniforms(self.keep_seed, candidates[PASS_INDEX].tolist(), candidates[EXAMPLE_ID].tolist())
             kept = uniforms < probabilities
         self.keep(candidates, losses, kept)

@@ -124,7 +124,13 @@ class BudgetClock(ABC):
 
     Every schedule (learning rate, stacking points, drop rate) is a function of ``tau``, so it ends
     exactly when the budget does (paper section 2.1).
+
+    Attributes:
+        budget_seconds: the budget in RST-seconds (with ``table``, ``train.py plan`` and ``RhoLoss`` simulate
+            the run against it).
     """
+
+    budget_seconds: float
 
     @abstractmethod
     def budget_progress(self) -> float:

@@ -33,7 +33,7 @@ _FINGERPRINT_FIELDS = {
     "split": "split",
     "sequence_length": "sequence length",
     "tokenizer_sha256": "tokenizer",
-    "masking": "masking (mask seed and rates)",
+    "masking": "masking (mask seed and rates; the mask seed is the run's seed by default)",
     "num_examples": "number of examples",
     "input_ids_sha256": "input ids",
 }
@@ -89,9 +89,13 @@ def load_irreducible_losses(path: str, expected: dict[str, Any]) -> tuple[np.nda
     theirs = sidecar.get("examples", {})
     for key, name in _FINGERPRINT_FIELDS.items():
         if theirs.get(key) != expected.get(key):
+            how = "with this run's data settings"
+            if key == "masking":  # the mask seed is the run's seed unless data.mask_seed sets it
+                seed = (expected.get(key) or {}).get("mask_seed")
+                how = f"with this run's seed and masking settings (`train.py score ... --seed_everything {seed}`)"
             raise UserError(
                 f"RhoLoss: {path} was made for another {name} ({key} {theirs.get(key)!r}, this run: "
-                f"{expected.get(key)!r}): rerun `train.py score` with this run's data settings"
+                f"{expected.get(key)!r}): rerun `train.py score` {how}"
             )
     table = np.load(losses_file, allow_pickle=False)
     if table.ndim == 1:

@@ -7,19 +7,22 @@ steps, tokens and RST per phase. A callback that changes the depth plugs in as a
 draws the run will make) and ``planned_phase`` to name its phases. Batch selection plugs in as a
 ``BatchSelector``: ``planned_scored_per_trained`` forward-only examples are charged per trained
 example (its expectation: selective backprop's keep rate is random), at the step's depth.
+``planned_optimizer_steps`` and ``passes_read`` tell a run at start-up how far it will read its training
+split (``RhoLoss`` checks that its irreducible losses were scored for that many passes of masks).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
-from core.contracts import BatchSelector, DepthSchedule, EstimatesHessian
+from core.contracts import BatchSelector, BudgetClock, DepthSchedule, EstimatesHessian
 from core.cost_table import CostTable
 from core.errors import UserError
 from core.ledger import WorkLedger
 
-__all__ = ["plan_run", "simulate"]
+__all__ = ["passes_read", "plan_run", "planned_optimizer_steps", "simulate"]
 
 
 # ----- plan ---------------------------------------------------------------------------------------
@@ -144,3 +147,26 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
     return result
 
 
+def planned_optimizer_steps(trainer, model, datamodule) -> int | None:
+    """The optimizer steps the configured run takes: ``plan_run`` against its budget clock's cost table and
+    budget (``trainer.max_steps`` included), or ``trainer.max_steps`` without a clock; ``None`` when nothing
+    decides it in advance (a wall-clock budget, or no budget at all)."""
+    clocks = [c for c in trainer.callbacks if isinstance(c, BudgetClock)]
+    max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    if not clocks:
+        return max_steps
+    if clocks[0].table is None:
+        return None  # wall clock: the machine decides
+    return int(plan_run(trainer, model, datamodule, clocks[0].table, clocks[0].budget_seconds)["optimizer_steps"])
+
+
+def passes_read(optimizer_steps: int, examples_per_step: int, batch_size: int, batches_per_pass: int) -> int:
+    """Passes of a process's share of the training split that ``optimizer_steps`` steps read, each reading
+    ``examples_per_step`` examples (candidates, with batch selection) in rank-batches of ``batch_size``, of
+    which a pass holds ``batches_per_pass``.
+
+    >>> passes_read(10, 16, 8, 10), passes_read(10, 16, 8, 20), passes_read(10, 16, 8, 19)
+    (2, 1, 2)
+    """
+    batches = math.ceil(optimizer_steps * examples_per_step / batch_size)
+    return max(1, math.ceil(batches / max(batches_per_pass, 1)))

@@ -1,9 +1,10 @@
 """What the pre-training data modules share: settings, the packed cache, the loaders, the size checks.
 
 ``prepare_data`` (one process for the whole job) builds the packed cache (``datamodules/packed_cache.py``);
-``setup`` (every process) loads it and checks that the training split holds at least one optimizer
-step of every process. Training reads the packed sequences in order through the resumable,
-rank-sharded stream of ``datamodules/streams.py``; validation reads a fixed split with fixed masks.
+``setup`` (every process) loads it, resolves the run's seeds (``core/seeds.py``) and checks that the
+training split holds at least one optimizer step of every process. Training reads the packed sequences
+in the order of ``order_seed`` through the resumable, rank-sharded stream of ``datamodules/streams.py``,
+masked by ``mask_seed``; validation reads a fixed split with fixed masks (``split_seed`` only).
 With a batch-selection callback (``core.contracts.BatchSelector``) that stream supplies *candidates*:
 the selector scores them and hands out training micro-batches of exactly ``batch_size`` selected
 examples, each assembled just before its training step (``on_before_batch_transfer``).
@@ -25,10 +26,11 @@ from typing_extensions import override
 
 from core.contracts import BatchSelector
 from core.errors import UserError
+from core.seeds import check_resumed_seed, resolve_seed
 from core.selection import PassIndexedCollator, PendingBatch
 from datamodules.corpora import Corpus, default_cache_dir
 from datamodules.packed_cache import PackedCache, PackingSpec
-from datamodules.streams import ResumableLoader, SequentialTrainingStream
+from datamodules.streams import ResumableLoader, SequentialTrainingStream, training_order
 from datamodules.tokenizer_training import tokenizer_files
 
 __all__ = ["PretrainingDataModule"]
@@ -51,7 +53,14 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
         max_validation_sequences: cap on the packed validation split (paper: 10,000).
         tokenizer_path: use this tokenizer (a directory saved by this project, e.g. ``<cache>/packed/<key>/tokenizer``)
             instead of training one, to share one vocabulary between corpora or runs.
-        split_seed: seed of the document split and of the one-time shuffle of training sequences.
+        split_seed: seed of what stays fixed for every run (the same yardstick): the document split, the
+            tokenizer, the one-time shuffle of the packed sequences in the cache, the validation masks.
+        order_seed: seed of the training order; ``None`` (default): the run's seed (``seed_everything``,
+            ``core/seeds.py``). 0 reads the sequences in the cache's order (shuffled once with ``split_seed``,
+            the paper's offline-shuffled sequential loader); any other value reads them through a
+            permutation drawn from it (``datamodules.streams.training_order``), the same in every pass.
+        mask_seed: seed of the training masks (a function of ``(mask_seed, pass, example_id)``); ``None``
+            (default): the run's seed. Validation masks never depend on it.
         num_workers: DataLoader worker processes.
         num_proc: processes for tokenization and packing; ``None`` = in-process. The packed data are the
             same at any value.
@@ -74,6 +83,8 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
         max_validation_sequences: int = 10000,
         tokenizer_path: str | None = None,
         split_seed: int = 0,
+        order_seed: int | None = None,
+        mask_seed: int | None = None,
         num_workers: int = 0,
         num_proc: int | None = None,
         cache_dir: str | None = None,
@@ -115,6 +126,10 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
         self.max_validation_sequences = max_validation_sequences
         self.tokenizer_path = tokenizer_path
         self.split_seed = split_seed
+        self.order_seed = order_seed
+        self.mask_seed = mask_seed
+        self._seeds: dict[str, int] | None = None  # resolved at setup (core/seeds.py)
+        self._train_order = None  # the training order's permutation (None: the cache's order)
         self.num_workers = num_workers
         self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -139,7 +154,28 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def make_collator(self, fixed: bool):
         """The collator of training (``fixed=False``: masks drawn per pass) or validation (``fixed=True``: masks
-        seeded by example id) batches."""
+        seeded by example id) batches, seeded by ``collator_seed(fixed)``."""
+
+    # ----- the run's seeds (core/seeds.py) -----------------------------------------------------------
+    def run_seeds(self) -> dict[str, int]:
+        """``order_seed`` and ``mask_seed`` as this run uses them: as configured, or the run's seed. Resolved
+        at ``setup``; before it, resolved now."""
+        if self._seeds is not None:
+            return dict(self._seeds)
+        return self._resolve_seeds()
+
+    def _resolve_seeds(self) -> dict[str, int]:
+        return {"order_seed": resolve_seed(self.order_seed), "mask_seed": resolve_seed(self.mask_seed)}
+
+    @property
+    def training_mask_seed(self) -> int:
+        """The seed of this run's training masks."""
+        return self.run_seeds()["mask_seed"]
+
+    def collator_seed(self, fixed: bool) -> int:
+        """Validation masks (``fixed``) are seeded by ``split_seed``, the same for every run; training masks by
+        the run's mask seed."""
+        return self.split_seed if fixed else self.training_mask_seed
 
     # ----- the cache ----------------------------------------------------------------------------
     @property
@@ -184,27 +220,38 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
         if self.train_dataset is None:
             self.splits, self.tokenizer, self.stats = self.cache.load()
             self.train_dataset, self.val_dataset = self.splits[self.train_split], self.splits["validation"]
+        self._seeds = self._resolve_seeds()  # at every setup: one data module may serve fits of several seeds
+        self._train_order = training_order(len(self.train_dataset), self._seeds["order_seed"])
         self._check_sizes(self.stats)
 
     # ----- checkpoint: what `train.py export` needs beside the weights --------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         """Saved into every checkpoint: the tokenizer's files (a checkpoint exports on any machine, without
-        this data cache) and the corpus tokens one training example consumes (the model card's tokens)."""
+        this data cache), the corpus tokens one training example consumes (the model card's tokens) and the
+        seeds of the training order and masks (a resume checks them)."""
         if self.tokenizer is None:
             return {}
         if self._tokenizer_files is None:  # serialised once, not at every checkpoint
             self._tokenizer_files = tokenizer_files(self.tokenizer)
-        return {"tokenizer_files": self._tokenizer_files, "tokens_per_sequence": int(self.tokens_per_sequence)}
+        return {"tokenizer_files": self._tokenizer_files, "tokens_per_sequence": int(self.tokens_per_sequence),
+                "seeds": self.run_seeds()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing to restore: the tokenizer comes from the data cache, which the checkpoint's digests pin."""
+        """Nothing to restore (the tokenizer comes from the data cache, which the checkpoint's digests pin), but a
+        fit that resumes must read and mask as the checkpoint's run did: another order or mask seed is refused."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn != "fit":
+            return  # validation reads fixed data whatever the seeds
+        saved, ours = state_dict.get("seeds") or {}, self.run_seeds()
+        for name in ("order_seed", "mask_seed"):
+            check_resumed_seed(f"data.{name}", ours[name], saved.get(name))
 
     # ----- what batch selection checks (the irreducible-loss file of `train.py score`) -------------
     @abstractmethod
     def masking_settings(self) -> dict[str, Any]:
-        """The settings that decide the training masks (or corruption) of an example, mask seed included."""
+        """The settings that decide the training masks (or corruption) of an example, the run's mask seed included."""
 
     def examples_fingerprint(self, split: str = "train") -> dict[str, Any]:
         """What identifies the examples of ``split`` and their training masks: an irreducible-loss file
@@ -260,7 +307,7 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
 
     @override
     def train_dataloader(self):
-        # already shuffled once, offline, with split_seed; read in order, resumable (datamodules/streams.py)
+        # shuffled once, offline, with split_seed; read in the order of order_seed, resumable (datamodules/streams.py)
         trainer = getattr(self, "trainer", None)
         selector = self.batch_selector()
         if selector is not None:
@@ -269,6 +316,7 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
             self.train_dataset,
             self.batch_size,
             batches_multiple_of=trainer.accumulate_grad_batches if trainer is not None else 1,
+            order=self._train_order,
         )
         return ResumableLoader(
             stream,
@@ -282,7 +330,7 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
         """An iterator over this rank's candidate micro-batches from rank-batch ``position`` to the end of
         its pass; each batch carries ``PASS_INDEX``. With ``mask_pass_period`` P, pass ``p`` is masked
         like pass ``p mod P`` (the passes an irreducible-loss file was scored for)."""
-        stream = SequentialTrainingStream(self.train_dataset, self.batch_size)
+        stream = SequentialTrainingStream(self.train_dataset, self.batch_size, order=self._train_order)
         loader = ResumableLoader(
             stream,
             position=lambda: position,

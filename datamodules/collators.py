@@ -11,10 +11,12 @@ the input; each span is replaced by one sentinel (``<extra_id_0>``, ``<extra_id_
 and the target lists each sentinel followed by the tokens it replaced; both end with EOS. Raw chunks
 are sized so inputs and targets come out at exact lengths with no padding (512 -> 568 raw, 114).
 
-Validation masks are a function of ``(seed, example_id)`` only, so every evaluation of every method
-scores identical inputs (the paper re-drew them at random on every call, docs/paper.md).
-Training masks are a function of ``(seed, pass, example_id)``: reproducible, independent of workers
-and threads, and the same after a resume.
+Validation masks are a function of ``(seed, example_id)`` only, and the data modules give their
+validation collator ``data.split_seed``, never the run's seed, so every evaluation of every method and
+every seed scores identical inputs (the paper re-drew them at random on every call, docs/paper.md).
+Training masks are a function of ``(seed, pass, example_id)`` with the run's mask seed (``data.mask_seed``,
+by default ``seed_everything``'s): reproducible, independent of workers and threads, the same after a
+resume, and different from seed to seed.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class MLMCollator:
         num_special_tokens: the special tokens occupy ids ``0 .. num_special_tokens-1``.
         mlm_probability: selection rate (paper: 0.15).
         fixed_masks: if ``True`` (validation) masks depend only on ``(seed, example_id)``.
-        seed: seed of the fixed masks.
+        seed: seed of the masks (the data modules: ``split_seed`` for validation, the run's mask seed for training).
     """
 
     mask_token_id: int
@@ -233,7 +235,7 @@ class SpanCorruptionCollator:
         noise_density: fraction of raw tokens corrupted (paper: 0.15).
         mean_noise_span_length: mean corrupted span length (paper: 3.0).
         fixed_masks: if ``True`` (validation) masks depend only on ``(seed, example_id)``.
-        seed: seed of the fixed masks.
+        seed: seed of the masks (the data modules: ``split_seed`` for validation, the run's mask seed for training).
     """
 
     inputs_length: int

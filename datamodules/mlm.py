@@ -27,9 +27,9 @@ class MLMDataModule(PretrainingDataModule):
 
     Args:
         mlm_probability: fraction of non-special tokens selected for prediction (paper: 0.15).
-        mask_seed: seed of the masks (validation: fixed per example; training: per pass and example).
         lowercase: lower-case and strip accents in the tokenizer (Cramming and the paper's code do).
-        **kwargs: see ``PretrainingDataModule``.
+        **kwargs: see ``PretrainingDataModule`` (``mask_seed``: the training masks' seed, the run's by default;
+            validation masks are a function of ``(split_seed, example_id)``).
     """
 
     objective = "mlm"
@@ -38,14 +38,12 @@ class MLMDataModule(PretrainingDataModule):
         self,
         *args: Any,
         mlm_probability: float = 0.15,
-        mask_seed: int = 0,
         lowercase: bool = True,
         **kwargs: Any,
     ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise UserError(f"data.mlm_probability={mlm_probability} must be in (0, 1); the paper uses 0.15")
         self.mlm_probability = mlm_probability
-        self.mask_seed = mask_seed
         self.lowercase = lowercase
         super().__init__(*args, **kwargs)
 
@@ -76,7 +74,7 @@ class MLMDataModule(PretrainingDataModule):
         return counts / max(counts.sum(), 1.0)
 
     def masking_settings(self) -> dict[str, Any]:
-        return {"mask_seed": self.mask_seed, "mlm_probability": self.mlm_probability}
+        return {"mask_seed": self.training_mask_seed, "mlm_probability": self.mlm_probability}
 
     # ----- batches --------------------------------------------------------------------------------
     def _collator(self, vocab_size: int, fixed: bool, seed: int) -> MLMCollator:
@@ -91,7 +89,7 @@ class MLMDataModule(PretrainingDataModule):
         )
 
     def make_collator(self, fixed: bool) -> MLMCollator:
-        return self._collator(len(self.tokenizer), fixed, self.mask_seed)
+        return self._collator(len(self.tokenizer), fixed, self.collator_seed(fixed))
 
     def synthetic_batch(self, batch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """A batch of this run's shape with random tokens, masked as in training (for calibration); no corpus read."""

@@ -15,9 +15,10 @@ The recipe (paper section 3; docs/paper.md, "Data"):
 4. documents tokenized (``num_proc`` processes), followed by the separator and packed into
    sequences block by block (``datamodules/packing.py``: the same sequences at any ``num_proc``);
 5. training sequences shuffled once with ``split_seed`` and numbered: ``example_id`` is the index
-   into the packed training split (the training stream reads them in that order, like the paper's
-   offline-shuffled sequential loader; the holdout split likewise); the validation split is capped at
-   ``max_validation_sequences``;
+   into the packed training split (the training stream reads them in that order at order seed 0, like
+   the paper's offline-shuffled sequential loader, and through a permutation of the run's order seed
+   otherwise, ``datamodules.streams.training_order``; the holdout split likewise); the validation split
+   is capped at ``max_validation_sequences``;
 6. the unigram entropy of the training targets (what predicting token frequencies alone would score),
    a SHA-256 of each split's input ids in ``example_id`` order and of the tokenizer file (the
    irreducible-loss file of ``train.py score`` records them, and ``RhoLoss`` checks them).

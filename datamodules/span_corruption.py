@@ -28,8 +28,8 @@ class SpanCorruptionDataModule(PretrainingDataModule):
     Args:
         noise_density: fraction of raw tokens corrupted (paper: 0.15).
         mean_noise_span_length: mean length of a corrupted span (paper: 3.0).
-        mask_seed: seed of the corruption (validation: fixed per example; training: per pass and example).
-        **kwargs: see ``PretrainingDataModule``.
+        **kwargs: see ``PretrainingDataModule`` (``mask_seed``: the training corruption's seed, the run's by
+            default; validation corruption is a function of ``(split_seed, example_id)``).
     """
 
     objective = "span-corruption"
@@ -39,7 +39,6 @@ class SpanCorruptionDataModule(PretrainingDataModule):
         *args: Any,
         noise_density: float = 0.15,
         mean_noise_span_length: float = 3.0,
-        mask_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         if not 0.0 < noise_density < 1.0:
@@ -48,7 +47,6 @@ class SpanCorruptionDataModule(PretrainingDataModule):
             raise UserError(f"data.mean_noise_span_length={mean_noise_span_length} must be >= 1; T5 uses 3.0")
         self.noise_density = noise_density
         self.mean_noise_span_length = mean_noise_span_length
-        self.mask_seed = mask_seed
         kwargs.setdefault("seq_len", 512)
         super().__init__(*args, **kwargs)
         if self.vocab_size <= T5_SENTINELS + 20:
@@ -104,7 +102,7 @@ class SpanCorruptionDataModule(PretrainingDataModule):
 
     def masking_settings(self) -> dict[str, Any]:
         return {
-            "mask_seed": self.mask_seed,
+            "mask_seed": self.training_mask_seed,
             "noise_density": self.noise_density,
             "mean_noise_span_length": self.mean_noise_span_length,
         }
@@ -122,7 +120,7 @@ class SpanCorruptionDataModule(PretrainingDataModule):
         )
 
     def make_collator(self, fixed: bool) -> SpanCorruptionCollator:
-        return self._collator(self._sentinel_ids(self.tokenizer), fixed, self.mask_seed)
+        return self._collator(self._sentinel_ids(self.tokenizer), fixed, self.collator_seed(fixed))
 
     def synthetic_batch(self, batch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """A batch of this run's shape with random tokens (for calibration); no corpus read."""

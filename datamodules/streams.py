@@ -1,7 +1,9 @@
 """The training stream: packed sequences in a fixed order, sharded by rank, resumable mid-epoch.
 
-The paper reads its offline-shuffled training sequences sequentially (paper section 3; docs/paper.md "BERT"). Here that
-order is an ``IterableDataset`` so that:
+The paper reads its offline-shuffled training sequences sequentially (paper section 3; docs/paper.md "BERT"). Here the
+order is the cache's (shuffled once with ``data.split_seed``) seen through the permutation of the run's order seed
+(``training_order``: none for seed 0, so seed 0 reads exactly what every run read before seeds varied the order), the
+same in every pass, and it is an ``IterableDataset`` so that:
 
 - every rank of a DDP run reads a disjoint, deterministic share (rank-batch ``j`` of rank ``r`` is
   global batch ``j * world + r``), the same whatever the number of dataloader workers;
@@ -14,12 +16,26 @@ order is an ``IterableDataset`` so that:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.batch import PASS_INDEX
 
-__all__ = ["ResumableLoader", "SequentialTrainingStream"]
+__all__ = ["ResumableLoader", "SequentialTrainingStream", "training_order"]
+
+
+def training_order(num_examples: int, order_seed: int) -> np.ndarray | None:
+    """The permutation a run reads its ``num_examples`` packed training sequences through: position ``i`` of
+    every pass reads the cache's row ``order[i]``.
+
+    Seed 0: ``None``, the cache's own order (already a uniformly random permutation, drawn once with
+    ``split_seed``). Any other seed: a uniformly random permutation drawn from it, so the composed order is
+    again uniformly random and unrelated to seed 0's, and the cache need not be packed again per seed.
+    """
+    if order_seed == 0:
+        return None
+    return np.random.default_rng(order_seed).permutation(num_examples)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -29,19 +45,23 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class SequentialTrainingStream(IterableDataset):
-    """Yield the examples of ``dataset`` batch by batch in index order, this rank's batches only.
+    """Yield the examples of ``dataset`` batch by batch in ``order``, this rank's batches only.
 
     Args:
         dataset: a map-style dataset of packed examples.
         batch_size: examples per rank-batch (the DataLoader's batch size).
         batches_multiple_of: a pass holds a multiple of this many rank-batches (gradient accumulation).
+        order: the permutation of the rows to read them through (``training_order``); ``None``: index order.
 
     ``start_batch`` (where the next pass starts) and ``pass_offset`` (its number; each example carries
     it, so training masks differ from pass to pass but not from run to run) are set by the loader.
     """
 
-    def __init__(self, dataset, batch_size: int, batches_multiple_of: int = 1) -> None:
+    def __init__(self, dataset, batch_size: int, batches_multiple_of: int = 1, order: np.ndarray | None = None) -> None:
+        if order is not None and len(order) != len(dataset):
+            raise ValueError(f"a training order of {len(order)} rows for a dataset of {len(dataset)}")
         self.dataset = dataset
+        self.order = order
         self.batch_size = batch_size
         self.start_batch = 0
         self.pass_offset = 0
@@ -72,7 +92,10 @@ class SequentialTrainingStream(IterableDataset):
             if (batch - start) % num_workers != worker_id:
                 continue  # the DataLoader takes batches from its workers in turn
             first = (batch * self.world + self.rank) * self.batch_size
-            rows = self.dataset[first : first + self.batch_size]
+            if self.order is None:
+                rows = self.dataset[first : first + self.batch_size]
+            else:
+                rows = self.dataset[self.order[first : first + self.batch_size].tolist()]
             for i in range(self.batch_size):
                 yield {**{key: values[i] for key, values in rows.items()}, PASS_INDEX: pass_index}
 

@@ -33,6 +33,7 @@ from core.contracts import BudgetClock, DepthSchedule, EstimatesHessian, ModalOp
 from core.errors import UserError
 from core.host_memory import retain_freed_memory
 from core.ledger import WorkLedger
+from core.seeds import run_seed
 from lightning_modules.layer_control import LayerControlMixin
 from lightning_modules.optimizers import MuonWithAdamW
 from lightning_modules.parameter_groups import muon_parameter_groups, parameter_groups
@@ -132,6 +133,7 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
 
     @override
     def setup(self, stage: str) -> None:
+        self._hessian_seed = run_seed()  # Sophia's sampled labels vary with the run's seed (core/seeds.py)
         self.prepare_for_steps(self.device, str(self.trainer.precision))
 
     def prepare_for_steps(self, device: torch.device, precision: str = "32-true") -> None:

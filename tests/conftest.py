@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,18 @@ def private_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "ntng-cache"
     monkeypatch.setenv("NTNG_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def run_seed_restored():
+    """``seed_everything`` records the run's seed in ``PL_GLOBAL_SEED`` (``core/seeds.py``), which the data order,
+    the masks and the draws follow: a test's seed must not leak into the tests after it."""
+    before = os.environ.get("PL_GLOBAL_SEED")
+    yield
+    if before is None:
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    else:
+        os.environ["PL_GLOBAL_SEED"] = before
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from core.cost_table import CostTable
 from core.errors import UserError
 from core.irreducible_losses import load_irreducible_losses, sidecar_path, write_irreducible_losses
 from core.ledger import WorkLedger
+from core.planning import passes_read
 from core.sealing import file_sha256, seal
 from core.selection import (
     LossHistory,
@@ -303,6 +304,22 @@ def test_a_missing_or_malformed_irreducible_file_names_the_fix(tmp_path):
     assert table.shape == (1, 5) and sidecar["passes"] == 1
 
 
+def test_an_irreducible_file_of_another_mask_seed_names_the_seed_to_score_with(tmp_path):
+    """Guards the masking check's message now that the mask seed is the run's: it says which seed to score with."""
+    path = tmp_path / "losses.npy"
+    _write_losses(path, _fingerprint())
+    ours = {**_fingerprint(), "masking": {"mask_seed": 2, "mlm_probability": 0.15}}
+    with pytest.raises(UserError, match=r"another masking .*`train.py score \.\.\. --seed_everything 2`"):
+        load_irreducible_losses(str(path), ours)
+
+
+def test_passes_read_counts_the_candidates_of_every_step():
+    """Guards the arithmetic RhoLoss's pass check rests on: ceil(steps x candidates / batch) rank-batches, then
+    ceil(batches / batches per pass)."""
+    assert passes_read(10, 16, 8, 20) == 1 and passes_read(10, 16, 8, 19) == 2 and passes_read(10, 16, 8, 10) == 2
+    assert passes_read(11, 16, 8, 10) == 3 and passes_read(1, 8, 8, 1) == 1 and passes_read(0, 8, 8, 5) == 1
+
+
 def test_written_losses_load_back_with_a_sealed_sidecar(tmp_path):
     fields = {"examples": _fingerprint(), "passes": 1, "mean_loss": 2.0}
     one = np.arange(5, dtype=np.float32)[None, :]
@@ -469,6 +486,47 @@ def test_rho_loss_pipeline_fit_score_select_and_resume(corpus_file, tmp_path, ca
 
     with pytest.raises(UserError, match="another number of examples|another holdout fraction"):
         _fit(tmp_path / "wrong", corpus_file, RhoLoss(ratio=0.5, irreducible_losses=str(losses)), max_steps=2)
+
+
+@pytest.mark.slow
+def test_rho_loss_refuses_a_run_that_reads_past_the_scored_passes(corpus_file, tmp_path):
+    """Guards the pass check: before, a run reading two passes with a file scored for one trained pass 1 with pass
+    0's masks (and irreducible losses) while the baseline drew fresh masks; now it is refused in one line naming
+    the command that scores enough passes, runs when the file holds them, and runs with a warning when reuse is
+    allowed."""
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(seal({"format": "rst-table/1", "seq_len": 32, "micro_batch_size": 8,
+                                      "fwd_bwd_seconds": [1.0, 1.0], "fwd_seconds": [0.25, 0.25],
+                                      "optimizer_step_seconds": {"AdamW": 0.5}})))
+
+    def data():
+        return MLMDataModule(**tiny_mlm_data_args(corpus_file, batch_size=8, holdout_fraction=0.2))
+
+    def budget():  # a step trains 8 examples (1 s), scores 16 candidates (0.5 s), steps AdamW (0.5 s): 2 RST-s
+        return RSTBudget(budget=steps * 2.0 - 1, table=str(table))
+
+    probe = data()
+    probe.prepare_data()
+    probe.setup("fit")
+    per_pass = probe.candidate_batches_per_pass()
+    steps = per_pass // 2 + 1  # 2 candidate micro-batches a step: a little more than one pass
+    trainer, model = L.Trainer(logger=False), BertMLM(**tiny_bert_args())
+    checkpoint = tmp_path / "irreducible.ckpt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    assert score_training_examples(trainer, model, data(), checkpoint, tmp_path / "one.npy")["passes"] == 1
+    with pytest.raises(UserError, match=rf"RhoLoss: this run's {steps} optimizer steps read 2 passes of the training "
+                                        rf"split, but .*one.npy was scored for 1: .* --passes 2 --seed_everything 0`, or "
+                                        "set allow_pass_reuse: true") as error:
+        _fit(tmp_path / "refused", corpus_file, RhoLoss(irreducible_losses=str(tmp_path / "one.npy")), budget=budget(),
+             data=data())
+    assert "\n" not in str(error.value)
+    score_training_examples(trainer, model, data(), checkpoint, tmp_path / "two.npy", passes=2)
+    rho = RhoLoss(irreducible_losses=str(tmp_path / "two.npy"))
+    run, _, _ = _fit(tmp_path / "two", corpus_file, rho, budget=budget(), data=data())
+    assert run.global_step == steps and rho.candidate_batches > per_pass  # it did read into the second pass
+    with pytest.warns(UserWarning, match="allow_pass_reuse: true, so pass p is masked like pass p mod 1"):
+        _fit(tmp_path / "reuse", corpus_file, RhoLoss(irreducible_losses=str(tmp_path / "one.npy"), allow_pass_reuse=True),
+             budget=budget(), data=data())
 
 
 def test_rho_loss_with_an_online_irreducible_model_charges_its_forwards(corpus_file, tmp_path):

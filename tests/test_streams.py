@@ -40,6 +40,26 @@ def test_each_pass_starts_where_training_stands():
     assert _epochs(loader, 1)[0][0] == [(0, 4), (1, 4), (2, 4), (3, 4)]
 
 
+def test_an_order_seed_permutes_every_pass_alike_with_any_workers_and_resumes_mid_pass():
+    """Guards the run's training order (``training_order``): seed 0 reads the cache's order, another seed a
+    permutation of it, the same in every pass and with any number of workers, and a resume mid-pass continues
+    with the next unseen batch of that order."""
+    from datamodules.streams import training_order
+
+    assert training_order(50, 0) is None
+    order = training_order(50, 1)
+    assert sorted(order.tolist()) == list(range(50)) and order.tolist() != list(range(50))
+    expected = [[[(int(order[4 * b + i]), p) for i in range(4)] for b in range(12)] for p in range(2)]
+    for workers in (0, 2):
+        loader = ResumableLoader(SequentialTrainingStream(_data(), 4, order=order), batch_size=4, collate_fn=_collate,
+                                 num_workers=workers)
+        assert _epochs(loader, 2) == expected, workers
+    resumed = ResumableLoader(SequentialTrainingStream(_data(), 4, order=order), position=lambda: 12 + 10,
+                              batch_size=4, collate_fn=_collate)
+    assert _epochs(resumed, 1)[0] == expected[1][10:]
+    assert training_order(50, 1).tolist() == order.tolist() != training_order(50, 2).tolist()
+
+
 def test_a_pass_holds_whole_optimizer_steps():
     assert SequentialTrainingStream(_data(50), 4, batches_multiple_of=5).batches_per_pass() == 10  # not 12
 

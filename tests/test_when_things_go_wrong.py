@@ -181,6 +181,14 @@ def _(t, corpus, trained, capsys):
     return _error(tiny_fit_args(corpus, t, "--config", str(_rho(t, losses))), capsys)
 
 
+@scenario("irreducible losses: scored for fewer passes than the run reads")
+def _(t, corpus, trained, capsys):
+    losses = t / "il.npy"  # one pass, scored here on this session's data cache; the run reads five
+    cli.main(["score", *tiny_fit_args(corpus, t, "--data.holdout_fraction", "0.2")[1:], "--ckpt_path",
+              str(trained["checkpoint"]), "--output", str(losses)])
+    return _error(tiny_fit_args(corpus, t, "--config", str(_rho(t, losses))), capsys)
+
+
 @scenario("checkpoint: no such file")
 def _(t, corpus, trained, capsys):
     return _error(tiny_fit_args(corpus, t, "--ckpt_path", str(t / "none.ckpt")), capsys)
@@ -223,6 +231,12 @@ def _(t, corpus, trained, capsys):
     cli.main(tiny_fit_args(corpus, table_run, "--config", str(_budget(t, every=100)), "--trainer.max_steps", "1"))
     checkpoint = table_run / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     return _error(tiny_fit_args(corpus, t, "--config", str(config), "--ckpt_path", str(checkpoint)), capsys)
+
+
+@scenario("checkpoint: resumed with another seed")
+def _(t, corpus, trained, capsys):
+    return _error(tiny_fit_args(corpus, t, "--data.holdout_fraction", "0.2", "--ckpt_path", str(trained["checkpoint"]),
+                                "--seed_everything", "1"), capsys)
 
 
 @scenario("study file: no such file")
