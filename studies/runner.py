@@ -102,29 +102,29 @@ def _failed(run: Run, error: str) -> dict[str, Any]:
 
 
 def prepare(study: Study, method: Method, seed: int, log=print) -> None:
-    """Run the method's ``prepare`` commands once per study (e.g. RHO-loss's irreducible-loss model and its
-    scores), or once per seed when they name ``{seed}`` (the irreducible losses must be scored with the masks of
-    the run's seed); a stamp file in the study directory records that they succeeded."""
-    if not method.prepare:
-        return
-    per_seed = any("{seed}" in command for command in method.prepare)
-    stamp = study.output / "prepare" / (f"{slug(method.name)}-seed{seed}.done" if per_seed else f"{slug(method.name)}.done")
-    if stamp.is_file():
-        return
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    for command in method.prepare:
+    """Run the method's ``prepare`` commands before its runs (e.g. RHO-loss's irreducible-loss model and its
+    scores): a command once per study, or once per seed when it names ``{seed}`` (irreducible losses are scored
+    with the masks of the run's seed). A stamp file per command (and seed) records that it succeeded."""
+    directory = study.output / "prepare"
+    for index, command in enumerate(method.prepare):
+        per_seed = "{seed}" in command
+        stamp = directory / f"{slug(method.name)}-{index}" f"{f'-seed{seed}' if per_seed else ''}.done"
+        if stamp.is_file():
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
         arguments = shlex.split(command.replace("{study}", str(study.output)).replace("{seed}", str(seed)))
-        arguments = [resolve_path(arg, study.path.parent) if index and arguments[index - 1] == "--config" else arg
-                     for index, arg in enumerate(arguments)]  # config paths resolve as the study's own do
+        arguments = [resolve_path(arg, study.path.parent) if at and arguments[at - 1] == "--config" else arg
+                     for at, arg in enumerate(arguments)]  # config paths resolve as the study's own do
         log(f"  preparing {method.name}: train.py {' '.join(arguments)}")
-        with open(stamp.with_suffix(".log"), "a") as output:
+        log_file = stamp.with_suffix(".log")
+        with open(log_file, "a") as output:
             completed = subprocess.run([sys.executable, str(TRAIN), *arguments], stdout=output, stderr=subprocess.STDOUT,
                                        env=_environment())
         if completed.returncode != 0:
-            lines = [line for line in stamp.with_suffix(".log").read_text().splitlines() if line.strip()]
+            lines = [line for line in log_file.read_text().splitlines() if line.strip()]
             raise UserError(f"method {method.name}: preparing failed ({lines[-1].strip() if lines else 'no output'}); "
-                            f"see {stamp.with_suffix('.log')}")
-    stamp.write_text("\n".join(method.prepare) + "\n")
+                            f"see {log_file}")
+        stamp.write_text(" ".join(arguments) + "\n")
 
 
 def _environment() -> dict[str, str]:

@@ -144,3 +144,24 @@ def test_repeated_seeds_and_tuning_seeds_among_the_seeds_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"tune_seeds \[1\] are also in seeds"):
         load_study(_study_file(tmp_path, seeds=[0, 1], tune_seeds=[1, 2]))
     assert load_study(_study_file(tmp_path, seeds=[0, 1], tune_seeds=[2, 3])).tune_seeds == (2, 3)
+
+
+def test_a_prepare_command_naming_seed_runs_once_per_seed_and_the_others_once(tmp_path, monkeypatch):
+    """RHO-loss's irreducible losses must be scored with each seed's masks (a seed sets the training masks), while
+    its irreducible model is trained once: `{seed}` decides which commands run per seed."""
+    import subprocess
+
+    import studies.runner as runner
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(runner.subprocess, "run",
+                        lambda args, **kw: commands.append(args[2:]) or subprocess.CompletedProcess(args, 0))
+    method = Method("rho", prepare=("fit --trainer.logger.init_args.save_dir {study}/prepare",
+                                    "score --seed_everything {seed} --output {study}/losses-seed{seed}.npy"))
+    study = _study(tmp_path, (Method("baseline"), method))
+    for seed in (0, 1, 0):
+        runner.prepare(study, method, seed, log=lambda text: None)
+    out = study.output
+    assert commands == [["fit", "--trainer.logger.init_args.save_dir", f"{out}/prepare"],
+                        ["score", "--seed_everything", "0", "--output", f"{out}/losses-seed0.npy"],
+                        ["score", "--seed_everything", "1", "--output", f"{out}/losses-seed1.npy"]]

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the newest last.ckpt of this config's runs)")
     parser.add_argument("--output", required=True, help="where to write the losses (.npy; the sidecar goes beside it, .json)")
     parser.add_argument("--passes", type=int, default=1, help="passes of training masks to score (default 1); RhoLoss "
-                        "masks pass p like pass p mod PASSES")
+                        "refuses a run that reads more passes (unless allow_pass_reuse) and names the number it needs")
     parser.add_argument("--batch_size", type=int, default=None, help="examples per forward (default: data.eval_batch_size)")
 
 
