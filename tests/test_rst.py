@@ -274,7 +274,7 @@ def test_wall_mode_uses_measured_time(corpus_file, tmp_path, caplog):
     config = _write_budget_config(tmp_path, "2s", None, mode="wall")
     scalars = _fit_with_budget(corpus_file, tmp_path, config)
     rst = [v for _, v in scalars["rst/seconds"]]
-    assert rst[-1] >= 2.0 and rst[0] < rst[-1]
+    assert rst[-1] >= 2.0 and rst == sorted(rst)  # one step may outlast the 2 s on a loaded machine: no strict rise
     assert "RST budget 0m02.0s spent" in caplog.text
 
 
