@@ -1,6 +1,6 @@
 """Entry point: ``python train.py {fit,validate,test,plan,calibrate,score,export,evaluate,compare} ...``.
 
-``fit``/``validate``/``test`` go through LightningCLI (``cli/lightning_cli.py``); every other subcommand has its
+``fit``/``validate``/``test`` go through LightningCLI (``training/lightning_cli.py``); every other subcommand has its
 own module in ``cli/commands/``. ``python train.py SUBCOMMAND --help`` lists each one's options.
 """
 

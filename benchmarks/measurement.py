@@ -47,9 +47,9 @@ def end_to_end(fit_args: list[str], budget: str | None, workdir: Path, log: Call
     from lightning.pytorch.profilers import SimpleProfiler
 
     from callbacks.rst import RSTBudget
-    from cli.calibration import CalibrationSettings, calibrate_config
-    from cli.lightning_cli import configured
     from core.durations import parse_duration
+    from training.calibration import CalibrationSettings, calibrate_config
+    from training.lightning_cli import configured
 
     table_path = workdir / "calibrated.json"
     log("  calibrating the cost table (train.py calibrate) ...")
@@ -104,8 +104,8 @@ def end_to_end(fit_args: list[str], budget: str | None, workdir: Path, log: Call
 def data_preparation(fit_args: list[str], workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Seconds to train the tokenizer and pack the corpus into an empty cache (the corpus download
     itself excluded: the package it comes in is copied from the default cache when there)."""
-    from cli.lightning_cli import configured
     from datamodules.corpora import default_cache_dir
+    from training.lightning_cli import configured
 
     cache = workdir / "cold-cache"
     cache.mkdir()

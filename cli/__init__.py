@@ -1,7 +1,7 @@
 """The command line of the toolkit: ``python train.py SUBCOMMAND ...`` (or ``python -m cli SUBCOMMAND ...``).
 
-``cli/__main__.py`` holds the command table; ``cli.lightning_cli`` the LightningCLI subclass behind ``fit``,
-``validate`` and ``test``; ``cli.run_folder`` where a run's logs and checkpoints live; ``cli.summary`` the
+``cli/__main__.py`` holds the command table; ``training.lightning_cli`` the LightningCLI subclass behind ``fit``,
+``validate`` and ``test``; ``training.run_folder`` where a run's logs and checkpoints live; ``training.summary`` the
 result a fit writes (``summary.json``); ``cli.commands`` one module per project subcommand.
 """
 

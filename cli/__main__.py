@@ -13,9 +13,9 @@ from types import ModuleType
 
 from callbacks.checkpointing import SIGTERM_EXIT_STATUS
 from cli.commands import calibrate, compare, evaluate, export, plan, score
-from cli.lightning_cli import PretrainingCLI
-from cli.run_folder import forget_claimed_folders, remove_claimed_folders
 from core.errors import TrainingStopped, UserError
+from training.lightning_cli import PretrainingCLI
+from training.run_folder import forget_claimed_folders, remove_claimed_folders
 
 __all__ = ["COMMANDS", "LIGHTNING_COMMANDS", "find_user_error", "main"]
 

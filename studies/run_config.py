@@ -12,10 +12,10 @@ from typing import Any
 import yaml
 
 from callbacks.rst import RSTBudget
-from cli.lightning_cli import parsed_config
 from core.class_paths import import_class
 from core.errors import UserError
 from studies.study import Run, Study
+from training.lightning_cli import parsed_config
 
 __all__ = ["config_hash", "resolved_config"]
 

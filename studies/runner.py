@@ -6,7 +6,7 @@ again, as long as its configuration is unchanged (the hash of its resolved confi
 whose configuration changed is run again from scratch, or kept and flagged with ``--keep-stale``. An interrupted
 run continues from its ``last.ckpt`` if its configuration is unchanged. A failed run is recorded with its error
 and tried again on the next invocation. A fit's result is read from the ``summary.json`` it writes
-(``cli.summary``), never from its printed output. Methods with a grid and ``tune_seeds`` run in two stages: the
+(``training.summary``), never from its printed output. Methods with a grid and ``tune_seeds`` run in two stages: the
 tuning runs first, then the chosen setting on the study's seeds (``studies.tuning``).
 """
 
@@ -24,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from cli.summary import read_summary
 from core.errors import UserError
 from studies.report import write_report
 from studies.run_config import config_hash, resolved_config
 from studies.study import ROOT, TRAIN, Method, Run, Study, resolve_path, run_status, slug
 from studies.tuning import FINISHED, choose_settings
+from training.summary import read_summary
 
 __all__ = ["execute", "prepare", "run_study"]
 

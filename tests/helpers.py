@@ -151,8 +151,8 @@ def documentation() -> list[Path]:
 def fit_fingerprint(args: list[str]) -> str:
     """The configuration fingerprint ``train.py fit`` records for these arguments (``args[0] == "fit"``): what
     ``--ckpt_path last`` matches, for tests that lay out checkpoint folders by hand."""
-    from cli.lightning_cli import PretrainingCLI
-    from cli.run_folder import config_fingerprint
+    from training.lightning_cli import PretrainingCLI
+    from training.run_folder import config_fingerprint
 
     class _Parsed(Exception):
         pass

@@ -43,7 +43,7 @@ def test_fit_loss_falls_and_tensorboard_holds_the_curves(corpus_file, tmp_path, 
         torch.testing.assert_close(value, state["state_dict"][name])
     assert (log_dir / "config.yaml").exists()
     # programs read the same facts from summary.json
-    from cli.summary import read_summary
+    from training.summary import read_summary
 
     written = read_summary(log_dir)
     assert written.line() == summary

@@ -17,9 +17,9 @@ import torch
 import yaml
 
 import cli
-from cli.summary import read_summary
 from core.cost_table import CostTable
 from helpers import ROOT, tiny_fit_args
+from training.summary import read_summary
 
 # 2 micro-batches of 16 x 32 tokens per optimizer step at 1.0 s each + 0.25 s for AdamW: 2.25 RST-s a step;
 # a 30 s budget ends at step 14 (31.5 s); a save every 7 RST-s lands at steps 4, 7, 10 and 13.

@@ -1,14 +1,14 @@
 """``train.py calibrate --config CFG --output FILE [--optimizers A,B] [--update]``: measure a cost table.
 
 Times forward+backward and forward-only micro-batches at every active depth and the optimizer step on this
-machine (``cli.calibration``), and writes the table atomically.
+machine (``training.calibration``), and writes the table atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cli.calibration import CalibrationSettings, calibrate_config
+from training.calibration import CalibrationSettings, calibrate_config
 
 TAKES_CONFIG = True
 

@@ -10,11 +10,11 @@ import argparse
 import json
 
 from callbacks.rst import RSTBudget
-from cli.lightning_cli import configured
 from core.cost_table import CostTable
 from core.durations import parse_duration
 from core.errors import UserError
 from core.planning import plan_run
+from training.lightning_cli import configured
 
 TAKES_CONFIG = True
 

@@ -7,9 +7,9 @@ import argparse
 import os
 
 from callbacks.batch_selection import score_training_examples
-from cli.lightning_cli import configured
 from core.checkpoints import check_checkpoint, resume_target
 from core.errors import UserError
+from training.lightning_cli import configured
 
 TAKES_CONFIG = True
 

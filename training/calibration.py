@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cli.lightning_cli import configured
 from core.calibration import calibrate, time_optimizer_steps
 from core.class_paths import import_class
 from core.cost_table import CostTable
 from core.errors import UserError
+from training.lightning_cli import configured
 
 __all__ = ["CalibrationSettings", "calibrate_config", "optimizer_builders"]
 

@@ -4,7 +4,7 @@ Every option of the model, the data module, the trainer and the callbacks is a t
 overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the resolved
 configuration. The data module's vocabulary size and sequence length are linked into the model. A fit adds
 ``NonFiniteCheck`` when the config has none, claims a fresh log version, resolves ``--ckpt_path last``, and
-ends with a validation of the final model, a one-line summary and ``summary.json`` (``cli.summary``).
+ends with a validation of the final model, a one-line summary and ``summary.json`` (``training.summary``).
 
 ``configured`` builds trainer, model and data module from a config without running anything (``plan``,
 ``calibrate``, ``score``, the benchmark); ``parsed_config`` only merges and checks configs (``compare``).
@@ -21,9 +21,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpointing import RunCheckpoint
 from callbacks.numerics import NonFiniteCheck, NonFiniteError
-from cli.run_folder import claim_log_version, record_fingerprint, resolve_checkpoint
-from cli.summary import summarize_fit, write_summary
 from core.errors import UserError
+from training.run_folder import claim_log_version, record_fingerprint, resolve_checkpoint
+from training.summary import summarize_fit, write_summary
 
 __all__ = ["PretrainingCLI", "configured", "parsed_config"]
 
