@@ -17,14 +17,19 @@ from typing import Any
 
 from core.errors import UserError
 
-__all__ = ["SEAL_KEY", "file_sha256", "seal", "verify_seal"]
+__all__ = ["SEAL_KEY", "file_sha256", "json_sha256", "seal", "verify_seal"]
 
 SEAL_KEY = "sha256"
 
 
+def json_sha256(data: Any) -> str:
+    """SHA-256 of ``data`` as canonical JSON (sorted keys, no spaces; paths and other objects as ``str``): equal
+    exactly when the data are. The one such hash: seals, run configurations, fit fingerprints."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
 def _digest(data: dict[str, Any]) -> str:
-    content = {key: value for key, value in data.items() if key != SEAL_KEY}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_sha256({key: value for key, value in data.items() if key != SEAL_KEY})
 
 
 def seal(data: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,6 @@ by which a rerun tells a finished run of the same configuration from a stale one
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from typing import Any
 
 import yaml
@@ -14,6 +12,7 @@ import yaml
 from callbacks.rst import RSTBudget
 from core.class_paths import import_class
 from core.errors import UserError
+from core.sealing import json_sha256
 from studies.study import Run, Study
 from training.lightning_cli import parsed_config
 
@@ -98,4 +97,4 @@ def resolved_config(study: Study, run: Run) -> dict[str, Any]:
 
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 of a resolved configuration (keys sorted): equal exactly when the configurations are."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(config)

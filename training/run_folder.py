@@ -9,7 +9,6 @@ before it wrote anything worth keeping.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from core.checkpoints import (
     write_fingerprint,
 )
 from core.errors import UserError
+from core.sealing import json_sha256
 
 __all__ = ["claim_log_version", "config_fingerprint", "forget_claimed_folders", "is_first_process", "logger_root",
            "record_fingerprint", "remove_claimed_folders", "resolve_checkpoint"]
@@ -57,7 +57,7 @@ def config_fingerprint(config) -> str:
     logger = (resolved.get("trainer") or {}).get("logger")
     if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
         logger["init_args"].pop("version", None)
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(resolved)
 
 
 def record_fingerprint(config) -> None:
