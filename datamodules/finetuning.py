@@ -34,12 +34,15 @@ class DownstreamDataModule(L.LightningDataModule):
         data_dir: local files in the hub's schema instead of the hub (GLUE, SuperGLUE, SNI).
         cache_dir: where the offline tasks are cached (default ``$NTNG_CACHE_DIR`` or ``~/.cache/ntng``).
         num_workers: dataloader workers.
+        tuning_holdout: for choosing a recipe, never for reporting: hold out the last fifth of the (already
+            shuffled) train split, at most ``max_eval_examples`` (1,000 if None) examples, and score on it in place
+            of every evaluation split; the training examples are taken from the rest.
     """
 
     def __init__(self, task: str, tokenizer: str, max_length: int = 128, max_target_length: int = 64,
                  batch_size: int = 16, eval_batch_size: int = 64, max_train_examples: int | None = None,
                  max_eval_examples: int | None = None, data_dir: str | None = None, cache_dir: str | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, tuning_holdout: bool = False) -> None:
         super().__init__()
         if task not in TASKS:
             raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -52,6 +55,7 @@ class DownstreamDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.data_dir, self.cache_dir, self.num_workers = data_dir, Path(cache_dir) if cache_dir else None, num_workers
+        self.tuning_holdout = tuning_holdout
         self.tokenizer = None
         self.raw: dict[str, Any] = {}
         self.tokenized: dict[str, Any] = {}
@@ -64,6 +68,14 @@ class DownstreamDataModule(L.LightningDataModule):
         """Read and check the splits (no tokenization): bad columns or labels fail here, before any training."""
         if not self.raw:
             self.raw = load_task(self.task.name, self.cache_dir, self.data_dir)
+            if self.tuning_holdout:
+                train = self.raw["train"]
+                held = min(len(train) // 5, self.max_eval_examples or 1000)
+                if held < 1:
+                    raise UserError(f"task {self.task.name}: {len(train)} training examples are too few to hold some out")
+                holdout = train.select(range(len(train) - held, len(train)))
+                self.raw = {"train": train.select(range(len(train) - held)),
+                            **{split: holdout for split in self.eval_splits}}
             if self.max_train_examples:
                 self.raw["train"] = self.raw["train"].select(range(min(self.max_train_examples, len(self.raw["train"]))))
             if self.max_eval_examples:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -69,9 +69,11 @@ def _quiet_loading() -> Iterator[None]:
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars, one per fine-tune
     try:
         yield
     finally:
+        hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(level)
 
 
@@ -121,14 +123,24 @@ class SequenceClassifier(_Finetuning):
         learning_rate, betas, eps, weight_decay: AdamW (paper: 4e-5, (0.9, 0.98), 1e-6, 0).
         lr_schedule, warmup_fraction: the schedule over all fine-tuning steps (paper: cosine, 0.1).
         dropout: hidden and attention dropout during fine-tuning (paper: 0.1; pre-training ran without).
+        pooling: what the classification head reads: ``first``, the first token's final hidden state
+            (``transformers``' head, as the paper's GLUE code), or ``mean``, the mean over the real (not padding)
+            tokens, fed to the same head. A model pre-trained by masked language modelling alone never trains the
+            first token to summarise the text; the mean of every token's state carries what it learned
+            (docs/evaluation.md, "The fine-tuning recipe").
     """
 
     def __init__(self, pretrained: str, num_labels: int = 2, metrics: tuple[str, ...] = ("accuracy",),
                  eval_splits: tuple[str, ...] = ("validation",), learning_rate: float = 4e-5,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.0,
-                 lr_schedule: str = "cosine", warmup_fraction: float = 0.1, dropout: float = 0.1) -> None:
+                 lr_schedule: str = "cosine", warmup_fraction: float = 0.1, dropout: float = 0.1,
+                 pooling: Literal["first", "mean"] = "first") -> None:
         super().__init__(learning_rate, betas, eps, weight_decay, lr_schedule, warmup_fraction, eval_splits)
         from transformers import AutoModelForSequenceClassification
+
+        if pooling not in ("first", "mean"):
+            raise UserError(f"pooling={pooling!r}: use first or mean")
+        self.pooling = pooling
 
         self.save_hyperparameters()
         self.regression = num_labels == 1
@@ -139,22 +151,33 @@ class SequenceClassifier(_Finetuning):
         self.model.train()  # from_pretrained returns eval mode and Lightning keeps a module's mode: dropout would stay off
         self.metrics = torch.nn.ModuleList([build_metrics(metrics, num_labels) for _ in self.eval_splits])
 
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's output: on the first token's state (``transformers``' own forward) or on the masked mean."""
+        if self.pooling == "first":
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        states = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.model.classifier(pooled.unsqueeze(1))  # the head reads position 0 of what it is given
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.regression:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
     @override
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch.get("labels"))
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.logits(batch)
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.regression:
-            batch = {**batch, "labels": batch["labels"].float()}
-        loss = self(batch).loss
+        loss = self.loss(self.logits(batch), batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
         return loss
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.logits(batch)
         predictions = logits.squeeze(-1) if self.regression else logits.argmax(-1)
         labels = batch["labels"].float() if self.regression else batch["labels"]
         self.metrics[dataloader_idx].update(predictions, labels)

@@ -28,7 +28,9 @@ from typing import Any
 
 from core.errors import UserError
 
-__all__ = ["SUITES", "Recipe", "evaluate_checkpoint", "suite_tasks"]
+__all__ = ["POOLINGS", "SUITES", "Recipe", "architecture_of", "evaluate_checkpoint", "suite_tasks"]
+
+POOLINGS = ("first", "mean")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Recipe:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     eval_batch_size: int = 64
+    pooling: str = "first"
 
 
 # suite -> family -> (tasks, recipe)
@@ -110,6 +113,18 @@ def _pretrained_directory(ckpt_path: Path, workdir: Path, suite: str, tasks: lis
     return loaded.family, workdir / "pretrained", {k: v for k, v in loaded.facts.items() if k != "config"}
 
 
+_NOT_ARCHITECTURE = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
+
+
+def architecture_of(pretrained: Path) -> str:
+    """A hash of the export's ``config.json`` without the fields that do not shape the network: exports of one
+    architecture share it, whatever method or budget trained them (``train.py compare`` runs one control each)."""
+    from core.sealing import json_sha256
+
+    config = json.loads((pretrained / "config.json").read_text())
+    return json_sha256({k: v for k, v in config.items() if k not in _NOT_ARCHITECTURE})[:16]
+
+
 def _max_positions(pretrained: Path) -> int | None:
     """Longest input a BERT export takes (RoBERTa's positions start after the padding id); T5's are relative."""
     config = json.loads((pretrained / "config.json").read_text())
@@ -125,7 +140,7 @@ def _log_root(ckpt_path: Path, output: Path) -> Path:
 
 
 def _finetune(task_name: str, family: str, pretrained: Path, recipe: Recipe, seed: int, datamodule, log_dir: Path,
-              suite: str, precision: str, progress: bool) -> dict[str, Any]:
+              suite: str, precision: str, progress: bool, version: str = "") -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -138,14 +153,15 @@ def _finetune(task_name: str, family: str, pretrained: Path, recipe: Recipe, see
     common = dict(learning_rate=recipe.learning_rate, lr_schedule=recipe.lr_schedule,
                   warmup_fraction=recipe.warmup_fraction, eval_splits=task.eval_splits)
     if family == "bert":
-        module = SequenceClassifier(str(pretrained), num_labels=task.num_labels, metrics=task.metrics, **common)
+        module = SequenceClassifier(str(pretrained), num_labels=task.num_labels, metrics=task.metrics,
+                                    pooling=recipe.pooling, **common)
     else:
         module = TextToText(str(pretrained), references={s: datamodule.references(s) for s in task.eval_splits},
                             max_new_tokens=recipe.max_target_length, **common)
     trainer = L.Trainer(
         max_epochs=recipe.epochs, accelerator="auto", devices=1, precision=precision, num_sanity_val_steps=0,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress, log_every_n_steps=10,
-        logger=TensorBoardLogger(log_dir, name=suite, version=f"{task_name}-seed{seed}", default_hp_metric=False),
+        logger=TensorBoardLogger(log_dir, name=suite, version=f"{task_name}-seed{seed}{version}", default_hp_metric=False),
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -157,15 +173,28 @@ def _finetune(task_name: str, family: str, pretrained: Path, recipe: Recipe, see
 def evaluate_checkpoint(ckpt_path: str, suite: str, output: str, seeds: list[int] | None = None,
                         tasks: list[str] | None = None, overrides: dict[str, Any] | None = None, select: str = "last",
                         data_dir: str | None = None, precision: str = "32-true", progress: bool = True,
-                        log=print) -> dict[str, Any]:
-    """Fine-tune and score every task of ``suite`` from ``ckpt_path``; write ``output`` (JSON); return the result."""
+                        control: str | None = None, control_only: bool = False, tuning: bool = False,
+                        references: bool = True, log=print) -> dict[str, Any]:
+    """Fine-tune and score every task of ``suite`` from ``ckpt_path``; write ``output`` (JSON); return the result.
+
+    ``control="random-init"``: also fine-tune a randomly initialised copy of the architecture per seed
+    (``studies.control``) and report the pre-training gain; ``control_only``: only the control (``train.py
+    compare`` runs it once per architecture). ``tuning``: score on a held-out part of the training split
+    instead of the validation split, for choosing a recipe (``DownstreamDataModule``). ``references``: print the
+    majority-class and TF-IDF (or lead-N) scores beside the model's (``studies.references``).
+    """
     from datamodules.downstream import TASKS
     from datamodules.finetuning import DownstreamDataModule
+    from studies.control import CONTROLS, pretraining_gain, random_init_copy, seed_scores, suite_seed_scores
 
     if select not in ("last", "best"):
         raise UserError(f"--select {select}: use last (what is reported by default) or best (the paper's choice)")
     if suite not in SUITES:
         raise UserError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    if control is not None and control not in CONTROLS:
+        raise UserError(f"--control {control}: choose from {', '.join(CONTROLS)}")
+    if control_only and control is None:
+        raise UserError("--control_only needs --control random-init")
     seeds = seeds or [0]
     path, out = Path(ckpt_path), Path(output)
     if not path.exists():
@@ -177,6 +206,9 @@ def evaluate_checkpoint(ckpt_path: str, suite: str, output: str, seeds: list[int
         if unknown:
             raise UserError(f"unknown fine-tuning setting {sorted(unknown)[0]!r}")
         recipe = replace(recipe, **{k: v for k, v in (overrides or {}).items() if v is not None})
+        if recipe.pooling not in POOLINGS:
+            raise UserError(f"--pooling {recipe.pooling}: choose from {', '.join(POOLINGS)}")
+        architecture = architecture_of(pretrained)
         positions = _max_positions(pretrained)
         if positions is not None and recipe.max_length > positions:
             log(f"max_length {recipe.max_length} -> {positions}: the pre-trained model has {positions} positions")
@@ -187,30 +219,69 @@ def evaluate_checkpoint(ckpt_path: str, suite: str, output: str, seeds: list[int
                 name, str(pretrained), max_length=recipe.max_length, max_target_length=recipe.max_target_length,
                 batch_size=recipe.batch_size, eval_batch_size=recipe.eval_batch_size,
                 max_train_examples=recipe.max_train_examples, max_eval_examples=recipe.max_eval_examples,
-                data_dir=data_dir)
+                data_dir=data_dir, tuning_holdout=tuning)
             datamodules[name].load()
+        controls = {seed: random_init_copy(pretrained, Path(tmp) / f"control-seed{seed}", seed)
+                    for seed in seeds} if control else {}
         log_dir = _log_root(path, out) / "downstream"
         results: dict[str, Any] = {}
+        control_results: dict[str, Any] = {}
         for name in names:
-            runs = {}
+            runs, control_runs = {}, {}
             for seed in seeds:
-                log(f"fine-tuning {name} (seed {seed}) ...")
-                runs[seed] = _finetune(name, family, pretrained, recipe, seed, datamodules[name], log_dir, suite,
-                                       precision, progress)
-            results[name] = _summarize_task(TASKS[name], runs, select)
-    reported = [entry["median"] for r in results.values() for entry in r["reported"].values()]
+                if not control_only:
+                    log(f"fine-tuning {name} (seed {seed}) ...")
+                    runs[seed] = _finetune(name, family, pretrained, recipe, seed, datamodules[name], log_dir, suite,
+                                           precision, progress)
+                if control:
+                    log(f"fine-tuning {name} (seed {seed}), {control} control ...")
+                    control_runs[seed] = _finetune(name, family, controls[seed], recipe, seed, datamodules[name],
+                                                   log_dir, suite, precision, progress, version=f"-{control}")
+            if runs:
+                results[name] = _summarize_task(TASKS[name], runs, select)
+            if control_runs:
+                control_results[name] = _summarize_task(TASKS[name], control_runs, select)
+        reference_scores = _references(datamodules, recipe, log) if references else {}
+    if control_only:
+        results, control_results = control_results, {}
     result = {
         "suite": suite, "family": family, "checkpoint": str(path), "select": select, "seeds": seeds,
-        "recipe": asdict(recipe), "tasks": results,
-        "average": statistics.fmean(reported) if reported else None,
-        "average_of": [f"{t}/{k}" for t, r in results.items() for k in r["reported"]],
-        "pretraining": facts,
+        "weights": f"{control} control" if control_only else "pre-trained",
+        "scored_on": "a held-out part of the training split (tuning)" if tuning else "the evaluation splits",
+        "recipe": asdict(recipe), "tasks": results, **_average(results), "pretraining": facts,
+        "architecture": architecture,
     }
+    if control_results:
+        result["control"] = {"kind": control, "tasks": control_results, **_average(control_results)}
+        gains = {name: pretraining_gain(seed_scores(results[name]), seed_scores(control_results[name]))
+                 for name in results}
+        gains["average"] = pretraining_gain(suite_seed_scores(results), suite_seed_scores(control_results))
+        result["pretraining_gain"] = gains
+    if reference_scores:
+        result["references"] = reference_scores
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     _log_summary(log_dir / suite, result)
     log(table(result))
     return result
+
+
+def _average(tasks: dict[str, Any]) -> dict[str, Any]:
+    reported = [entry["median"] for r in tasks.values() for entry in r["reported"].values()]
+    return {"average": statistics.fmean(reported) if reported else None,
+            "average_of": [f"{t}/{k}" for t, r in tasks.items() for k in r["reported"]]}
+
+
+def _references(datamodules: dict[str, Any], recipe: Recipe, log) -> dict[str, Any]:
+    """The reference scores of every task, on exactly the examples the model trains on and is scored on."""
+    from studies.references import task_references
+
+    scores = {}
+    for name, datamodule in datamodules.items():
+        log(f"reference scores of {name} (majority class, TF-IDF or lead-N) ...")
+        scores[name] = task_references(name, datamodule.raw, recipe.max_train_examples, recipe.max_eval_examples,
+                                       datamodule.cache_dir)
+    return scores
 
 
 def _summarize_task(task, runs: dict[int, dict[str, Any]], select: str) -> dict[str, Any]:
@@ -238,13 +309,53 @@ def _log_summary(log_dir: Path, result: dict[str, Any]) -> None:
             writer.add_scalar(f"downstream/{result['suite']}/average", result["average"], step)
 
 
+def _gain_text(gain: dict[str, Any] | None) -> str:
+    if gain is None:
+        return ""
+    text = f"{gain['gain']:+6.2f}"
+    if gain["p_value"] is not None:
+        text += f" [{gain['low']:+.2f}, {gain['high']:+.2f}] p={gain['p_value']:.3f}"
+    return text
+
+
+def _reference_text(references: dict[str, Any] | None, key: str) -> str:
+    if not references:
+        return ""
+    parts = []
+    if key in references.get("majority", {}):
+        parts.append(f"majority {references['majority'][key]:.2f}")
+    if key in references.get("tfidf", {}):
+        parts.append(f"TF-IDF {references['tfidf'][key]:.2f}")
+    if key in references.get("lead_n", {}):
+        parts.append(f"lead-{references['lead_n']['n']} {references['lead_n'][key]:.2f}")
+    return ", ".join(parts)
+
+
 def table(result: dict[str, Any]) -> str:
+    """The printed table: the model's scores (median over seeds, min..max), and when present the control's,
+    the pre-training gain (mean over seeds, 95 % interval, p) and the reference scores."""
     seeds = len(result["seeds"])
-    lines = [f"{result['suite']} ({result['family'].upper()}, {result['select']} epoch, median of {seeds} seed(s), "
-             f"min..max):", f"  {'task':<16} {'metric':<34} {'score':>7}  spread"]
+    control = result.get("control")
+    gains = result.get("pretraining_gain", {})
+    references = result.get("references", {})
+    lines = [f"{result['suite']} ({result['family'].upper()}, {result.get('weights', 'pre-trained')} weights, "
+             f"{result['select']} epoch, median of {seeds} seed(s) and min..max; scored on "
+             f"{result.get('scored_on', 'the evaluation splits')}):"]
+    header = f"  {'task':<12} {'metric':<22} {'score':>7} {'spread':>13}"
+    if control:
+        header += f" {'control':>8} {'spread':>13}  gain [95 % interval] p (mean over seeds)"
+    lines.append(header + ("  references" if references else ""))
     for task, summary in result["tasks"].items():
-        for key, entry in summary["reported"].items():
-            lines.append(f"  {task:<16} {key:<34} {entry['median']:7.2f}  {entry['min']:.2f}..{entry['max']:.2f}")
+        for index, (key, entry) in enumerate(summary["reported"].items()):
+            line = f"  {task:<12} {key:<22} {entry['median']:7.2f} {entry['min']:6.2f}..{entry['max']:<6.2f}"
+            if control:
+                other = control["tasks"][task]["reported"][key]
+                line += f" {other['median']:8.2f} {other['min']:6.2f}..{other['max']:<6.2f}"
+                line += f"  {_gain_text(gains.get(task)) if index == 0 else '':<38}"
+            lines.append((line + "  " + _reference_text(references.get(task), key)).rstrip())
     if result["average"] is not None:
-        lines.append(f"  {'average':<16} {'':<34} {result['average']:7.2f}")
+        line = f"  {'average':<12} {'':<22} {result['average']:7.2f} {'':>13}"
+        if control:
+            line += f" {control['average']:8.2f} {'':>13}  {_gain_text(gains.get('average'))}"
+        lines.append(line.rstrip())
     return "\n".join(lines)

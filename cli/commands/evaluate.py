@@ -38,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_dir", help="local files in the hub's schema for glue/superglue/sni (no hub access)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision of the fine-tuning (default 32-true)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--control", choices=["random-init"],
+                        help="also fine-tune a randomly initialised copy of the same architecture per seed (same recipe) "
+                             "and report the pre-training gain: pre-trained minus control, 95 %% interval, p over seeds")
+    parser.add_argument("--control_only", action="store_true", help="fine-tune only the control (with --control)")
+    parser.add_argument("--tuning", action="store_true",
+                        help="score on a held-out fifth of the training split (at most max_eval_examples), not on the "
+                             "validation split: for choosing a recipe")
+    parser.add_argument("--no_references", action="store_true",
+                        help="skip the reference scores (majority class, TF-IDF + logistic regression, lead-N)")
     for name, kind in recipe_field_types().items():
         parser.add_argument(f"--{name}", type=kind, help=f"override the suite's {name}")
 
@@ -50,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
     overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)}
     evaluate_checkpoint(args.ckpt_path, args.suite, args.output, seeds=seeds,
                         tasks=[t.strip() for t in args.tasks.split(",")] if args.tasks else None, overrides=overrides,
-                        select=args.select, data_dir=args.data_dir, precision=args.precision,
+                        select=args.select, data_dir=args.data_dir, precision=args.precision, control=args.control,
+                        control_only=args.control_only, tuning=args.tuning, references=not args.no_references,
                         progress=not args.no_progress and sys.stderr.isatty(),
                         log=lambda text: print(text, flush=True))
     print(f"wrote {args.output}")
