@@ -12,7 +12,10 @@ The design (docs/comparing.md):
 - with zero spread the test is "not testable", never p = 0;
 - the smallest difference the study could detect (two-sided, p < 0.05, 80 % power) is stated from the observed
   seed-to-seed spread, so "did not beat" reads "could not tell a difference smaller than X";
-- finished, failed and diverged seeds are counted, and a verdict on fewer seeds than planned says so.
+- finished, failed and diverged seeds are counted, and a verdict on fewer seeds than planned says so;
+- with a random-init control (``evaluate: {control: random-init}``), each method's pre-training gain: the mean
+  of its tested runs' downstream averages minus the mean of the control's per-seed suite averages, with Welch's
+  interval and p (the runs and the control's seeds are independent samples).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from studies.plots import downstream_average
 from studies.study import BASELINE, Study
 from studies.tuning import FINISHED, Choice
 
-__all__ = ["ALPHA", "compare_rows", "verdict"]
+__all__ = ["ALPHA", "compare_rows", "gain_over_control", "verdict"]
 
 ALPHA = 0.05
 METRICS = (("val_loss", "lower"), ("train_loss", "lower"), ("downstream_average", "higher"))
@@ -91,9 +94,45 @@ def _tested_rows(study: Study, choice: Choice, rows: list[dict[str, Any]]) -> li
     return [r for r in rows if r["variant"] == variant and r["budget"] == choice.budget and r["stage"] == "test"]
 
 
-def compare_rows(study: Study, rows: list[dict[str, Any]], choices: dict[tuple[str, str], Choice]) -> list[dict[str, Any]]:
+def gain_over_control(run_averages: list[float], control_seed_averages: list[float],
+                      confidence: float = 0.95) -> dict[str, Any] | None:
+    """The pre-training gain on the downstream average: the mean of a method's run averages minus the mean of the
+    control's per-seed suite averages, with Welch's ``confidence`` interval and two-sided p (``None`` for either
+    when a side has fewer than two values or neither varies); ``None`` when a side has no value at all."""
+    if not run_averages or not control_seed_averages:
+        return None
+    gain: dict[str, Any] = {
+        "gain": statistics.fmean(run_averages) - statistics.fmean(control_seed_averages), "low": None, "high": None,
+        "p_value": None, "test": "welch", "confidence": confidence, "runs": len(run_averages),
+        "run_mean": statistics.fmean(run_averages), "control_seeds": len(control_seed_averages),
+        "control_mean": statistics.fmean(control_seed_averages)}
+    test = welch_t_test(run_averages, control_seed_averages, confidence)
+    if test is None:
+        gain["note"] = "fewer than two values on a side: no interval or p-value"
+    elif not test.testable:
+        gain["note"] = test.reason
+    else:
+        gain.update(low=test.low, high=test.high, p_value=test.p_value)
+    return gain
+
+
+def _gain_entry(tested: list[dict[str, Any]], controls: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The pre-training gain of a method's tested runs over the control of their architecture (``None`` without
+    evaluated runs, when they span several architectures, or when that architecture's control is missing)."""
+    scored = [r for r in tested if r["status"] == "done" and downstream_average(r) is not None]
+    architectures = {(r.get("downstream") or {}).get("architecture") for r in scored}
+    if len(architectures) != 1 or next(iter(architectures)) not in controls:
+        return None
+    architecture = next(iter(architectures))
+    gain = gain_over_control([downstream_average(r) for r in scored], list(controls[architecture]["seed_averages"]))
+    return None if gain is None else {**gain, "architecture": architecture}
+
+
+def compare_rows(study: Study, rows: list[dict[str, Any]], choices: dict[tuple[str, str], Choice],
+                 controls: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Per budget and method: the chosen setting, counts, mean and spread over seeds, and the test against the
-    baseline's chosen setting (see the module docstring)."""
+    baseline's chosen setting (see the module docstring); with ``controls`` (architecture -> the control's
+    ``seed_averages``), the pre-training gain over the control of the runs' architecture."""
     table = []
     for budget in study.budgets:
         baseline_rows = _tested_rows(study, choices[(BASELINE, budget)], rows)
@@ -120,6 +159,8 @@ def compare_rows(study: Study, rows: list[dict[str, Any]], choices: dict[tuple[s
             for key in ("optimizer_steps", "wall_seconds", "rst_spent_seconds"):
                 entry[f"{key}_mean"] = _mean_std([r[key] for r in tested if r["status"] == "done" and r.get(key) is not None])[0]
             entry["verdict"] = verdict(entry) if method.name != BASELINE else ""
+            if controls is not None:
+                entry["pretraining_gain"] = _gain_entry(tested, controls)
             table.append(entry)
     return table
 

@@ -1,7 +1,8 @@
 """A study's report: ``results.csv`` (one row per run), ``comparison.json`` and ``report.md`` (per method and budget:
 the chosen setting, the seeds that finished, failed or diverged, mean and spread over seeds, the difference to the
 baseline with its interval, the test used and its p-value, the smallest difference the study could detect;
-``studies.comparison``), the plots and TensorBoard's HParams view (``studies.plots``)."""
+``studies.comparison``; with a random-init control, each method's pre-training gain over it), the plots and
+TensorBoard's HParams view (``studies.plots``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from studies.comparison import compare_rows
+from studies.control import suite_seed_scores
 from studies.plots import downstream_average, write_hparams, write_plots
 from studies.study import Study
 from studies.tuning import choose_settings, outcomes
 
-__all__ = ["CSV_FIELDS", "write_report"]
+__all__ = ["CSV_FIELDS", "read_controls", "write_report"]
 
 CSV_FIELDS = ["method", "variant", "stage", "budget", "seed", "setting", "status", "optimizer_steps", "tokens",
               "rst_spent_seconds", "wall_seconds", "train_loss", "val_loss", "downstream_average", "downstream", "error",
@@ -30,6 +32,26 @@ def _collect(study: Study) -> tuple[list[dict[str, Any]], dict, dict[str, list[s
     for row in rows:
         row["stale"] = row["run"].run_id in stale["kept"]
     return rows, choices, stale
+
+
+def read_controls(study: Study) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The study's controls on disk (``<study>/controls/<architecture>/downstream.json``): architecture -> its
+    average, per-seed suite averages, seeds and file; and the architectures whose control failed -> the last line
+    of its ``evaluate.log``."""
+    controls: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    root = study.output / "controls"
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        result = directory / "downstream.json"
+        if result.is_file():
+            scores = json.loads(result.read_text())
+            by_seed = suite_seed_scores(scores["tasks"])
+            controls[directory.name] = {"average": scores["average"], "seed_averages": list(by_seed.values()),
+                                        "seeds": list(by_seed), "file": str(result)}
+        elif (directory / "evaluate.log").is_file():
+            lines = [line for line in (directory / "evaluate.log").read_text().splitlines() if line.strip()]
+            failed[directory.name] = lines[-1].strip() if lines else "no output"
+    return controls, failed
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -47,12 +69,13 @@ def write_report(study: Study, log=print) -> Path:
         for r in rows:
             writer.writerow({**r, "setting": json.dumps(r.get("setting") or {}), "downstream_average": downstream_average(r),
                              "downstream": json.dumps((r.get("downstream") or {}).get("tasks")) if r.get("downstream") else ""})
-    table = compare_rows(study, rows, choices)
+    controls, failed_controls = read_controls(study) if study.control else ({}, {})
+    table = compare_rows(study, rows, choices, controls if study.control else None)
     (out / "comparison.json").write_text(json.dumps(table, indent=2, default=str) + "\n")
     tested = [r for r in rows if r["stage"] == "test"]
     plots = write_plots(study, tested, out)
     write_hparams(study, tested, out)
-    (out / "report.md").write_text(_markdown(study, rows, table, plots, stale))
+    (out / "report.md").write_text(_markdown(study, rows, table, plots, stale, (controls, failed_controls)))
     log(f"report: {out / 'report.md'} (results.csv, {', '.join(plots)}; tensorboard --logdir {out})")
     return out / "report.md"
 
@@ -102,8 +125,41 @@ def _tuning_lines(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _gain_lines(study: Study, table: list[dict[str, Any]], controls: dict[str, dict[str, Any]],
+                failed: dict[str, str]) -> list[str]:
+    """The section on the random-init control: every method's pre-training gain, then each control."""
+    lines = [
+        "| budget | method | setting | downstream (runs) | control (seeds) | pre-training gain (95 % CI) | p (test) |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    for e in table:
+        gain = e.get("pretraining_gain")
+        setting = (e["variant"] or e["method"])[len(e["method"]):] or "-"
+        if gain is None:
+            lines.append(f"| {e['budget']} | {e['method']} | {setting} | | | n/a | |")
+            continue
+        interval = f" ({gain['low']:+.2f}, {gain['high']:+.2f})" if gain["p_value"] is not None else ""
+        p = f"{gain['p_value']:.3g} ({gain['test']})" if gain["p_value"] is not None else "not testable"
+        lines.append(f"| {e['budget']} | {e['method']} | {setting} | {gain['run_mean']:.2f} ({gain['runs']}) | "
+                     f"{gain['control_mean']:.2f} ({gain['control_seeds']}) | {gain['gain']:+.2f}{interval} | {p} |")
+    lines.append("")
+    for architecture, control in controls.items():
+        seeds = ", ".join(f"{s} {v:.2f}" for s, v in zip(control["seeds"], control["seed_averages"], strict=True))
+        lines.append(f"- Architecture `{architecture}`: the {study.control} control's downstream average "
+                     f"{_fmt(control['average'], 2)} (median over seeds per task, as a run's); per seed {seeds} "
+                     f"(`{Path(control['file']).relative_to(study.output)}`).")
+    for architecture, error in failed.items():
+        lines.append(f"- Architecture `{architecture}`: the {study.control} control failed ({error}); see "
+                     f"`controls/{architecture}/evaluate.log`. It runs again on the next invocation.")
+    if not controls and not failed:
+        lines.append(f"- No {study.control} control has run yet: it runs after the first tested run of each "
+                     "architecture is evaluated.")
+    return lines
+
+
 def _markdown(study: Study, rows: list[dict[str, Any]], table: list[dict[str, Any]], plots: list[str],
-              stale: dict[str, list[str]]) -> str:
+              stale: dict[str, list[str]],
+              controls: tuple[dict[str, dict[str, Any]], dict[str, str]] = ({}, {})) -> str:
     lines = [
         f"# Study `{study.name}`",
         "",
@@ -130,6 +186,8 @@ def _markdown(study: Study, rows: list[dict[str, Any]], table: list[dict[str, An
         lines += ["", "Downstream average vs the baseline (higher is better): " + "; ".join(
             f"{e['variant']} at {e['budget']} {e['downstream_average_test']['difference']:+.2f} "
             f"(p = {e['downstream_average_test']['p_adjusted']:.3g})" for e in downstream_tests) + "."]
+    if study.control:
+        lines += ["", "## Pre-training gain: the random-init control", "", *_gain_lines(study, table, *controls)]
     tuning = _tuning_lines(table)
     if tuning:
         lines += ["", "## Tuning", "", *tuning]
@@ -157,4 +215,11 @@ def _how_to_read(study: Study) -> list[str]:
         "given the observed seed-to-seed spread and the number of seeds: \"did not beat\" means the study could "
         "not tell a difference smaller than that, not that the methods are equal. Identical values on both sides "
         "(no spread) are not testable.",
-    ]
+    ] + ([
+        "",
+        "The pre-training gain is a method's mean downstream average over its tested runs minus the mean of the "
+        f"{study.control} control's per-seed suite averages: the same architecture, recipe and fine-tuning seeds "
+        "from randomly initialised weights, fine-tuned once per architecture for the whole study. The runs and the "
+        "control's seeds are compared as independent samples (Welch's t-test, 95 % interval). A gain near zero "
+        "means the downstream score does not show pre-training at all.",
+    ] if study.control else [])

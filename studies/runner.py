@@ -7,7 +7,9 @@ whose configuration changed is run again from scratch, or kept and flagged with 
 run continues from its ``last.ckpt`` if its configuration is unchanged. A failed run is recorded with its error
 and tried again on the next invocation. A fit's result is read from the ``summary.json`` it writes
 (``training.summary``), never from its printed output. Methods with a grid and ``tune_seeds`` run in two stages: the
-tuning runs first, then the chosen setting on the study's seeds (``studies.tuning``).
+tuning runs first, then the chosen setting on the study's seeds (``studies.tuning``). With ``evaluate: {control:
+random-init}`` the first tested run of each architecture to be evaluated also runs the control of that architecture
+(``<study>/controls/<architecture>/downstream.json``), once for the whole study.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from typing import Any
 import yaml
 
 from core.errors import UserError
+from studies.control import suite_seed_scores
 from studies.report import write_report
 from studies.run_config import config_hash, resolved_config
 from studies.study import ROOT, TRAIN, Method, Run, Study, resolve_path, run_status, slug
 from studies.tuning import FINISHED, choose_settings
 from training.summary import read_summary
 
-__all__ = ["execute", "prepare", "run_study"]
+__all__ = ["execute", "prepare", "run_control", "run_study"]
 
 
 def _command(study_file: Path, output: Path, run_id: str) -> str:
@@ -88,7 +91,7 @@ def execute(study: Study, run: Run, log=print) -> dict[str, Any]:
         rst_spent_seconds=summary.rst_seconds, wall_seconds=progress["wall_seconds"], downstream=None,
     )
     if study.evaluate and run.stage == "test":  # a setting is chosen on validation loss, never downstream
-        result["downstream"] = _evaluate(study, run, result)
+        result["downstream"] = _evaluate(study, run, result, log)
     (run.directory / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -133,26 +136,64 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _evaluate(study: Study, run: Run, result: dict[str, Any]) -> dict[str, Any] | None:
-    settings = dict(study.evaluate)
-    output = run.directory / "downstream.json"
-    command = [sys.executable, str(TRAIN), "evaluate", "--ckpt_path", str(run.last_checkpoint), "--suite",
-               str(settings.pop("suite")), "--output", str(output), "--no_progress"]
+def _evaluate_arguments(study: Study) -> list[str]:
+    """The study's ``evaluate`` settings as ``train.py evaluate`` arguments (``suite``, ``seeds`` and every other key
+    but ``control``, which the runner runs once per architecture instead of beside every run)."""
+    settings = dict(study.evaluate or {})
+    settings.pop("control", None)
+    arguments = ["--suite", str(settings.pop("suite"))]
     seeds = settings.pop("seeds", None)
     if seeds:
-        command += ["--seeds", ",".join(str(s) for s in seeds)]
+        arguments += ["--seeds", ",".join(str(s) for s in seeds)]
     for key, value in settings.items():
-        command += [f"--{key}", str(value)]
+        arguments += [f"--{key}", str(value)]
+    return arguments
+
+
+def _last_line(log_file: Path) -> str:
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()] if log_file.is_file() else []
+    return lines[-1].strip() if lines else "no output"
+
+
+def _evaluate(study: Study, run: Run, result: dict[str, Any], log=print) -> dict[str, Any] | None:
+    output = run.directory / "downstream.json"
+    command = [sys.executable, str(TRAIN), "evaluate", "--ckpt_path", str(run.last_checkpoint), *_evaluate_arguments(study),
+               "--output", str(output), "--no_progress"]
     with open(run.directory / "evaluate.log", "w") as log_file:
         completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment())
     if completed.returncode != 0 or not output.is_file():
-        lines = [line for line in (run.directory / "evaluate.log").read_text().splitlines() if line.strip()]
         result["status"] = "failed"
-        result["error"] = "evaluate: " + (lines[-1].strip() if lines else "no output")
+        result["error"] = "evaluate: " + _last_line(run.directory / "evaluate.log")
         return None
     scores = json.loads(output.read_text())
-    return {"suite": scores["suite"], "average": scores["average"],
-            "tasks": {task: summary["score"] for task, summary in scores["tasks"].items()}}
+    summary = {"suite": scores["suite"], "average": scores["average"],
+               "tasks": {task: entry["score"] for task, entry in scores["tasks"].items()},
+               "architecture": scores.get("architecture"), "seed_averages": suite_seed_scores(scores["tasks"])}
+    if study.control and summary["architecture"]:
+        run_control(study, run, summary["architecture"], log)
+    return summary
+
+
+def run_control(study: Study, run: Run, architecture: str, log=print) -> Path | None:
+    """The study's control (``random-init``) of ``architecture``, fine-tuned once per architecture from ``run``'s
+    checkpoint (its shape; the weights are drawn afresh) with the study's evaluate settings and seeds, unless
+    ``<study>/controls/<architecture>/downstream.json`` exists. A failure is logged (``evaluate.log`` beside it)
+    and reported, and fails no run; the next invocation tries again. Returns the result file, or ``None``."""
+    directory = study.control_directory(architecture)
+    output = directory / "downstream.json"
+    if output.is_file():
+        return output
+    directory.mkdir(parents=True, exist_ok=True)
+    log(f"  {run.run_id}: the {study.control} control of architecture {architecture} (once per architecture) ...")
+    command = [sys.executable, str(TRAIN), "evaluate", "--ckpt_path", str(run.last_checkpoint), *_evaluate_arguments(study),
+               "--control", str(study.control), "--control_only", "--output", str(output), "--no_progress"]
+    with open(directory / "evaluate.log", "w") as log_file:
+        completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment())
+    if completed.returncode != 0 or not output.is_file():
+        log(f"  the {study.control} control of architecture {architecture} failed ({_last_line(directory / 'evaluate.log')}); "
+            f"see {directory / 'evaluate.log'}; it is tried again on the next invocation")
+        return None
+    return output
 
 
 def _launch_elsewhere(study: Study, runs: list[Run], launcher: str, undecided: int, log) -> None:
@@ -201,7 +242,11 @@ def _run_all(study: Study, runs: list[Run], keep_stale: bool, stale: dict[str, l
         status = _bring_up_to_date(run, config_hash(resolved_config(study, run)), keep_stale, stale)
         if status in ("done", "diverged"):
             log(f"[{index}/{len(runs)}] {run.run_id}: {status}, skipped")
-            results.append(json.loads((run.directory / "result.json").read_text()))
+            result = json.loads((run.directory / "result.json").read_text())
+            architecture = (result.get("downstream") or {}).get("architecture")
+            if study.control and architecture:  # a control that failed or was interrupted earlier
+                run_control(study, run, architecture, log)
+            results.append(result)
             continue
         try:
             prepare(study, study.method(run.method), run.seed, log)

@@ -9,6 +9,10 @@ over) and optionally an ``evaluate`` suite. Every (method, setting, budget, seed
 A method with a grid is tuned on ``tune_seeds`` (runs of stage ``tune``): the chosen setting is then run on
 ``seeds``, disjoint from them, and only those runs are tested (``studies.tuning``). Without ``tune_seeds`` a
 grid is chosen and tested on the same seeds, and the report says the p-value is optimistic.
+
+``evaluate: {..., control: random-init}`` also fine-tunes a randomly initialised copy of each architecture the
+tested runs export, once per architecture (``studies.runner``), and the report gives every method's pre-training
+gain over it (``studies.comparison``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import yaml
 
 from core.durations import parse_duration
 from core.errors import UserError
+from studies.control import CONTROLS
 
 __all__ = ["BASELINE", "ROOT", "TRAIN", "Method", "Run", "Study", "load_study", "resolve_path", "run_status", "slug"]
 
@@ -99,6 +104,15 @@ class Study:
 
     def method(self, name: str) -> Method:
         return next(m for m in self.methods if m.name == name)
+
+    @property
+    def control(self) -> str | None:
+        """The downstream control (``random-init``) run once per architecture, if the study asks for one."""
+        return (self.evaluate or {}).get("control")
+
+    def control_directory(self, architecture: str) -> Path:
+        """Where the control of one architecture (``train.py evaluate``'s ``architecture`` hash) is written."""
+        return self.output / "controls" / architecture
 
     def run(self, method: Method, setting: dict[str, Any], budget: str, seed: int, stage: str = "test") -> Run:
         """The run of ``method`` at grid point ``setting``, ``budget`` and ``seed``, in its own directory."""
@@ -206,6 +220,9 @@ def load_study(path: str | Path, output: str | Path | None = None) -> Study:
     evaluate = raw.get("evaluate")
     if evaluate is not None and (not isinstance(evaluate, dict) or "suite" not in evaluate):
         raise UserError(f"{file}: evaluate needs a suite, e.g. evaluate: {{suite: offline}}")
+    if evaluate is not None and "control" in evaluate and evaluate["control"] not in CONTROLS:
+        raise UserError(f"{file}: evaluate: unknown control {evaluate['control']!r}; the control is "
+                        f"{' or '.join(CONTROLS)}, e.g. evaluate: {{suite: offline, control: {CONTROLS[0]}}}")
     name = str(raw.get("name") or file.stem)
     out = (Path(output) if output else Path("runs/studies") / name).resolve()
     overrides = raw.get("overrides") or {}

@@ -11,7 +11,7 @@ import yaml
 
 import cli
 from core.sealing import seal
-from core.significance import paired_t_test
+from core.significance import paired_t_test, welch_t_test
 from helpers import ROOT
 
 TINY_OVERLAY = {
@@ -129,6 +129,8 @@ def test_bad_study_files_are_refused_in_one_line_before_any_run(corpus_file, tmp
         ([{"name": "baseline"}, {"name": "x", "overrides": {"model.init_args.optimizer": {"class_path": "nope.Nope"}}}], {},
          "cannot import 'nope.Nope': no module named 'nope'"),
         ([{"name": "baseline"}], {"table": "missing.json"}, "table 'missing.json' does not exist"),
+        ([{"name": "baseline"}], {"evaluate": {"suite": "offline", "control": "other"}},
+         "evaluate: unknown control 'other'; the control is random-init"),
     ]
     for methods, extra, message in cases:
         study = _study(tmp_path, corpus_file, methods)
@@ -213,3 +215,161 @@ def test_a_rerun_reuses_only_runs_whose_configuration_is_unchanged(corpus_file, 
     _compare(study_file, out)
     assert sorted(executed) == ["m/8s/seed0", "m/8s/seed1"]  # only the changed method runs again
     assert json.loads((out / "stale.json").read_text())["rerun"] == ["m/8s/seed0", "m/8s/seed1"]
+
+
+def _downstream(seed_scores: dict[int, float], architecture: str, **extra) -> dict:
+    """An evaluate result of one task whose one reported score is ``seed_scores`` (seed -> score)."""
+    scores = list(seed_scores.values())
+    median = sorted(scores)[len(scores) // 2]
+    reported = {"validation/accuracy": {"median": median, "min": min(scores), "max": max(scores),
+                                        "by_seed": {str(k): v for k, v in seed_scores.items()}}}
+    return {"suite": "offline", "tasks": {"reviews": {"reported": reported, "score": median}}, "average": median,
+            "architecture": architecture, "seeds": list(seed_scores), **extra}
+
+
+def _fake_fit_and_evaluate(monkeypatch, fail_controls: set[str] = frozenset()) -> list[list[str]]:
+    """``train.py fit`` finishes at once (a canned summary) and ``train.py evaluate`` writes a canned result: method
+    ``wide`` exports architecture ``b...``, every other method ``a...``; the evaluate commands are recorded."""
+    import subprocess
+    import types
+
+    import studies.runner as runner
+
+    evaluations: list[list[str]] = []
+
+    def fake_run(args, **kwargs):
+        command = [str(a) for a in args[2:]]
+        if command[0] == "evaluate":
+            evaluations.append(command)
+            output = Path(command[command.index("--output") + 1])
+            architecture = "b" * 16 if "/wide/" in command[command.index("--ckpt_path") + 1] else "a" * 16
+            if "--control" in command and architecture in fail_controls:
+                kwargs["stdout"].write("error: the control failed\n")
+                return subprocess.CompletedProcess(args, 1)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(_downstream({0: 70.0, 1: 72.0, 2: 74.0}, architecture)))
+        return subprocess.CompletedProcess(args, 0)
+
+    summary = types.SimpleNamespace(status="finished", error="", optimizer_steps=8, tokens=4096, val_loss=3.0,
+                                    train_loss=3.1, rst_seconds=8.0)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner, "read_summary", lambda log_dir: summary)
+    monkeypatch.setattr(runner, "write_report", lambda study, log=print: None)
+    return evaluations
+
+
+CONTROL_STUDY = dict(seeds=[0], evaluate={"suite": "offline", "tasks": "reviews", "seeds": [0, 1, 2], "epochs": 1,
+                                          "control": "random-init"})
+TWO_ARCHITECTURES = [{"name": "baseline"}, {"name": "twin", "overrides": {"model.init_args.learning_rate": 1e-3}},
+                     {"name": "wide", "overrides": {"model.init_args.hidden_size": 64}}]
+
+
+def test_the_random_init_control_runs_once_per_architecture_and_not_again(corpus_file, tmp_path, monkeypatch):
+    """Two tested runs of one architecture and one of another: two control evaluations, each with the study's
+    evaluate settings and seeds, into <study>/controls/<architecture>/; a second invocation runs none."""
+    evaluations = _fake_fit_and_evaluate(monkeypatch)
+    study_file, out = _study(tmp_path, corpus_file, TWO_ARCHITECTURES, **CONTROL_STUDY), tmp_path / "study"
+    _compare(study_file, out)
+    runs = [c for c in evaluations if "--control" not in c]
+    controls = [c for c in evaluations if "--control" in c]
+    assert len(runs) == 3 and not any({"random-init", "--control_only"} & set(c) for c in runs)  # never a run's flag
+    assert [c[c.index("--output") + 1] for c in controls] == [
+        str(out / "controls" / ("a" * 16) / "downstream.json"), str(out / "controls" / ("b" * 16) / "downstream.json")]
+    for control, method in zip(controls, ("baseline", "wide"), strict=True):
+        assert control[control.index("--control") + 1] == "random-init" and "--control_only" in control
+        assert control[control.index("--ckpt_path") + 1] == str(out / "runs" / method / "8s" / "seed0" / "tb/run/checkpoints/last.ckpt")
+        settings = control[control.index("--suite"):control.index("--control")]
+        assert dict(zip(settings[::2], settings[1::2], strict=True)) == {
+            "--suite": "offline", "--seeds": "0,1,2", "--tasks": "reviews", "--epochs": "1"}
+        assert (Path(control[control.index("--output") + 1]).parent / "evaluate.log").is_file()
+    result = json.loads((out / "runs" / "baseline" / "8s" / "seed0" / "result.json").read_text())
+    assert result["downstream"]["architecture"] == "a" * 16
+    assert result["downstream"]["seed_averages"] == {"0": 70.0, "1": 72.0, "2": 74.0}
+    evaluations.clear()
+    _compare(study_file, out)
+    assert evaluations == []  # every run finished and every architecture has its control
+
+
+def test_a_failed_control_fails_no_run_and_runs_again_on_the_next_invocation(corpus_file, tmp_path, monkeypatch, capsys):
+    evaluations = _fake_fit_and_evaluate(monkeypatch, fail_controls={"b" * 16})
+    study_file, out = _study(tmp_path, corpus_file, TWO_ARCHITECTURES, **CONTROL_STUDY), tmp_path / "study"
+    _compare(study_file, out)
+    assert "control of architecture bbbbbbbbbbbbbbbb failed (error: the control failed)" in capsys.readouterr().out
+    statuses = {p.parent.parent.parent.name: json.loads(p.read_text())["status"] for p in out.glob("runs/*/*/*/result.json")}
+    assert statuses == {"baseline": "done", "twin": "done", "wide": "done"}
+    from studies.report import read_controls
+    from studies.study import load_study
+
+    controls, failed = read_controls(load_study(study_file, out))
+    assert list(controls) == ["a" * 16] and failed == {"b" * 16: "error: the control failed"}
+    evaluations.clear()
+    _compare(study_file, out)
+    assert [c[c.index("--output") + 1] for c in evaluations] == [str(out / "controls" / ("b" * 16) / "downstream.json")]
+
+
+def test_the_report_gives_every_method_its_pretraining_gain_over_the_control(tmp_path, monkeypatch):
+    """Run averages 70, 72 and 74 against the control's per-seed averages 60, 61 and 62: a gain of 11.0, Welch's
+    interval and p; a method without downstream scores gets none."""
+    import studies.report as report
+    from studies.comparison import gain_over_control
+    from studies.study import Method, Study
+
+    gain = gain_over_control([70.0, 72.0, 74.0], [60.0, 61.0, 62.0])
+    welch = welch_t_test([70.0, 72.0, 74.0], [60.0, 61.0, 62.0])
+    assert gain["gain"] == pytest.approx(11.0) and gain["control_mean"] == pytest.approx(61.0)
+    assert (gain["low"], gain["high"], gain["p_value"]) == pytest.approx((welch.low, welch.high, welch.p_value))
+    assert gain["test"] == "welch" and welch.p_value < 0.05
+    one = gain_over_control([70.0], [60.0, 61.0, 62.0])  # one run: a gain, no interval or p
+    assert one["gain"] == pytest.approx(9.0) and one["p_value"] is None and one["low"] is None
+    assert gain_over_control([], [60.0]) is None
+
+    study = Study("gain", tmp_path / "study.yaml", ("base.yaml",), ("60s",), (0, 1, 2),
+                  (Method("baseline"), Method("m")), output=tmp_path / "out",
+                  evaluate={"suite": "offline", "control": "random-init"})
+    architecture = "c" * 16
+    for method, averages in (("baseline", [70.0, 72.0, 74.0]), ("m", [None] * 3)):
+        for seed, average in enumerate(averages):
+            run = study.run(study.method(method), {}, "60s", seed)
+            run.directory.mkdir(parents=True)
+            downstream = {"average": average, "architecture": architecture} if average is not None else None
+            (run.directory / "result.json").write_text(json.dumps({
+                "method": method, "variant": method, "setting": {}, "budget": "60s", "seed": seed, "stage": "test",
+                "status": "done", "error": "", "val_loss": 3.0 + seed / 10, "train_loss": 3.0, "optimizer_steps": 10,
+                "downstream": downstream}))
+    control = study.control_directory(architecture) / "downstream.json"
+    control.parent.mkdir(parents=True)
+    control.write_text(json.dumps(_downstream({0: 60.0, 1: 61.0, 2: 62.0}, architecture, weights="random-init control")))
+    monkeypatch.setattr(report, "write_plots", lambda study, rows, out: [])
+    monkeypatch.setattr(report, "write_hparams", lambda study, rows, out: None)
+    report.write_report(study, log=lambda text: None)
+    entries = {e["method"]: e for e in json.loads((study.output / "comparison.json").read_text())}
+    assert entries["baseline"]["pretraining_gain"] == pytest.approx({**gain, "architecture": architecture})
+    assert entries["m"]["pretraining_gain"] is None
+    markdown = (study.output / "report.md").read_text()
+    assert "## Pre-training gain: the random-init control" in markdown
+    assert (f"| 60s | baseline | - | 72.00 (3) | 61.00 (3) | +11.00 ({welch.low:+.2f}, {welch.high:+.2f}) | "
+            f"{welch.p_value:.3g} (welch) |") in markdown
+    assert "| 60s | m | - | | | n/a | |" in markdown
+    assert f"Architecture `{architecture}`: the random-init control's downstream average 61.00" in markdown
+
+
+def test_the_mini_study_lists_the_runs_its_header_counts():
+    """configs/studies/mini.yaml's header counts 18 tuning fits and 30 tested fits (and RHO-loss's preparation):
+    6 optimizers x 3 learning rates on 1 tuning seed, then 10 methods x 3 seeds."""
+    from studies.study import load_study
+
+    study = load_study(ROOT / "configs/studies/mini.yaml")
+    assert study.budgets == ("1000s",) and study.seeds == (0, 1, 2) and study.tune_seeds == (100,)
+    assert study.control == "random-init" and study.evaluate["seeds"] == [0, 1, 2]
+    tuned = {m.name for m in study.methods if study.tuned_on_own_seeds(m)}
+    assert tuned == {"baseline", "lion", "sophia", "muon", "soap", "schedule-free"}
+    assert all(len(m.settings()) == 3 for m in study.methods if m.name in tuned)
+    assert len(study.tuning_runs()) == 18 and {r.seed for r in study.tuning_runs()} == {100}
+    assert len(study.test_runs({})) == 12  # the untuned methods, before any setting is chosen
+    chosen = {(m.name, "1000s"): m.settings()[1] for m in study.methods if m.name in tuned}
+    runs = study.test_runs(chosen)
+    assert len(runs) == 30 and {r.method for r in runs} == {m.name for m in study.methods} and len(study.methods) == 10
+    prepare = study.method("rho-loss").prepare
+    assert [("{seed}" in c) for c in prepare] == [False, True]  # 1 fit, 1 scoring per seed
+    header = (ROOT / "configs/studies/mini.yaml").read_text()
+    assert "18 tuning fits" in header and "30 tested fits" in header and "= 48 fits" in header
