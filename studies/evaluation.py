@@ -58,7 +58,7 @@ SUITES: dict[str, dict[str, tuple[tuple[str, ...], Recipe]]] = {
                                     warmup_fraction=0.0, eval_batch_size=32))},
     "offline": {
         "bert": (("reviews", "news-topic", "tweets"),
-                 Recipe(1e-3, 32, 3, max_length=128, max_train_examples=2000, max_eval_examples=1000)),
+                 Recipe(1e-3, 32, 6, max_length=128, max_train_examples=2000, max_eval_examples=1000, pooling="mean")),
         "t5": (("headlines",), Recipe(3e-3, 16, 3, max_length=192, max_target_length=24, lr_schedule="constant",
                                      warmup_fraction=0.0, max_eval_examples=200)),
     },
