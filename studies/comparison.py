@@ -26,6 +26,7 @@ from typing import Any
 
 from core.durations import parse_duration
 from core.significance import minimum_detectable_difference, paired_t_test, welch_t_test
+from studies.control import with_test
 from studies.plots import downstream_average
 from studies.study import BASELINE, Study
 from studies.tuning import FINISHED, Choice
@@ -106,14 +107,8 @@ def gain_over_control(run_averages: list[float], control_seed_averages: list[flo
         "p_value": None, "test": "welch", "confidence": confidence, "runs": len(run_averages),
         "run_mean": statistics.fmean(run_averages), "control_seeds": len(control_seed_averages),
         "control_mean": statistics.fmean(control_seed_averages)}
-    test = welch_t_test(run_averages, control_seed_averages, confidence)
-    if test is None:
-        gain["note"] = "fewer than two values on a side: no interval or p-value"
-    elif not test.testable:
-        gain["note"] = test.reason
-    else:
-        gain.update(low=test.low, high=test.high, p_value=test.p_value)
-    return gain
+    return with_test(gain, welch_t_test(run_averages, control_seed_averages, confidence),
+                     "fewer than two values on a side: no interval or p-value")
 
 
 def _gain_entry(tested: list[dict[str, Any]], controls: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

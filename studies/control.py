@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.significance import paired_t_test
+from core.significance import TTestResult, paired_t_test
 
-__all__ = ["CONTROLS", "pretraining_gain", "random_init_copy", "seed_scores", "suite_seed_scores"]
+__all__ = ["CONTROLS", "pretraining_gain", "random_init_copy", "seed_scores", "suite_seed_scores", "with_test"]
 
 CONTROLS = ("random-init",)
 _WEIGHT_FILES = (".safetensors", ".bin")
@@ -66,11 +66,16 @@ def pretraining_gain(pretrained: dict[str, float], control: dict[str, float], co
     if not seeds:
         raise UserError("no seed was fine-tuned both from the pre-trained weights and from the control")
     a, b = [pretrained[s] for s in seeds], [control[s] for s in seeds]
-    test = paired_t_test(a, b, confidence)
     gain = {"gain": statistics.fmean(x - y for x, y in zip(a, b, strict=True)), "low": None, "high": None,
             "p_value": None, "seeds": len(seeds), "confidence": confidence, "test": "paired t-test over seeds"}
+    return with_test(gain, paired_t_test(a, b, confidence), "one seed: no interval or p-value (give --seeds 0,1,2)")
+
+
+def with_test(gain: dict[str, Any], test: TTestResult | None, untested: str) -> dict[str, Any]:
+    """``gain`` with the test's interval and p-value, or a ``note`` saying why there are none (``untested`` when
+    there were too few values to test)."""
     if test is None:
-        gain["note"] = "one seed: no interval or p-value (give --seeds 0,1,2)"
+        gain["note"] = untested
     elif not test.testable:
         gain["note"] = test.reason
     else:
