@@ -17,6 +17,7 @@ Scores are in per cent, as GLUE reports them.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Literal
 
@@ -29,7 +30,7 @@ from typing_extensions import override
 from core.errors import UserError
 from lightning_modules.schedules import SCHEDULES
 
-__all__ = ["SequenceClassifier", "TextToText", "build_metrics", "select_scores"]
+__all__ = ["SequenceClassifier", "TextToText", "build_metrics", "layer_depth", "layerwise_parameter_groups", "select_scores"]
 
 Selection = Literal["last", "best"]
 
@@ -77,6 +78,35 @@ def _quiet_loading() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+_LAYER = re.compile(r"\.layer\.(\d+)\.")
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of a BERT parameter for layer-wise learning rates: 0 the embeddings, ``i + 1`` encoder layer ``i``,
+    ``num_layers + 1`` everything above the encoder (the final LayerNorm, the task head)."""
+    found = _LAYER.search(name)
+    if found:
+        return int(found.group(1)) + 1
+    if ".embeddings." in name or name.startswith("embeddings."):
+        return 0
+    return num_layers + 1
+
+
+def layerwise_parameter_groups(named_parameters, num_layers: int, learning_rate: float, decay: float) -> list[dict]:
+    """AdamW parameter groups with layer-wise learning-rate decay (ELECTRA, Clark et al. 2020, appendix A): the
+    head trains at ``learning_rate``, each layer below at ``decay`` times the rate of the one above, the
+    embeddings at ``learning_rate * decay ** (num_layers + 1)``. ``decay = 1`` is one rate for every parameter.
+    Each group's ``lr`` is its peak; the schedule scales all groups alike."""
+    if not 0 < decay <= 1:
+        raise UserError(f"layer_decay={decay}: give a factor in (0, 1] (1: one learning rate for every layer)")
+    groups: dict[int, list] = {}
+    for name, parameter in named_parameters:
+        if parameter.requires_grad:
+            groups.setdefault(layer_depth(name, num_layers), []).append(parameter)
+    return [{"params": params, "lr": learning_rate * decay ** (num_layers + 1 - depth)}
+            for depth, params in sorted(groups.items())]
+
+
 class _Finetuning(L.LightningModule):
     """Optimizer, schedule and per-epoch score keeping shared by both fine-tuning modules."""
 
@@ -92,9 +122,13 @@ class _Finetuning(L.LightningModule):
         self.eval_splits = tuple(eval_splits)
         self.epoch_scores: list[dict[str, float]] = []
 
+    def parameter_groups(self) -> list[dict]:
+        """What AdamW trains, and at which peak rate (one group by default)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": self.learning_rate}]
+
     @override
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.learning_rate, betas=self.betas, eps=self.eps,
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.learning_rate, betas=self.betas, eps=self.eps,
                                       weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         shape = SCHEDULES[self.lr_schedule]
@@ -128,19 +162,22 @@ class SequenceClassifier(_Finetuning):
             tokens, fed to the same head. A model pre-trained by masked language modelling alone never trains the
             first token to summarise the text; the mean of every token's state carries what it learned
             (docs/evaluation.md, "The fine-tuning recipe").
+        layer_decay: layer-wise learning-rate decay (``layerwise_parameter_groups``; 1: one rate throughout).
     """
 
     def __init__(self, pretrained: str, num_labels: int = 2, metrics: tuple[str, ...] = ("accuracy",),
                  eval_splits: tuple[str, ...] = ("validation",), learning_rate: float = 4e-5,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.0,
                  lr_schedule: str = "cosine", warmup_fraction: float = 0.1, dropout: float = 0.1,
-                 pooling: Literal["first", "mean"] = "first") -> None:
+                 pooling: Literal["first", "mean"] = "first", layer_decay: float = 1.0) -> None:
         super().__init__(learning_rate, betas, eps, weight_decay, lr_schedule, warmup_fraction, eval_splits)
         from transformers import AutoModelForSequenceClassification
 
         if pooling not in ("first", "mean"):
             raise UserError(f"pooling={pooling!r}: use first or mean")
         self.pooling = pooling
+        layerwise_parameter_groups([], 1, learning_rate, layer_decay)  # checks the factor before loading
+        self.layer_decay = layer_decay
 
         self.save_hyperparameters()
         self.regression = num_labels == 1
@@ -150,6 +187,11 @@ class SequenceClassifier(_Finetuning):
                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         self.model.train()  # from_pretrained returns eval mode and Lightning keeps a module's mode: dropout would stay off
         self.metrics = torch.nn.ModuleList([build_metrics(metrics, num_labels) for _ in self.eval_splits])
+
+    @override
+    def parameter_groups(self) -> list[dict]:
+        return layerwise_parameter_groups(self.model.named_parameters(), self.model.config.num_hidden_layers,
+                                          self.learning_rate, self.layer_decay)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The head's output: on the first token's state (``transformers``' own forward) or on the masked mean."""

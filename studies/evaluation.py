@@ -48,6 +48,8 @@ class Recipe:
     max_eval_examples: int | None = None
     eval_batch_size: int = 64
     pooling: str = "first"
+    dropout: float = 0.1
+    layer_decay: float = 1.0
 
 
 # suite -> family -> (tasks, recipe)
@@ -154,10 +156,11 @@ def _finetune(task_name: str, family: str, pretrained: Path, recipe: Recipe, see
                   warmup_fraction=recipe.warmup_fraction, eval_splits=task.eval_splits)
     if family == "bert":
         module = SequenceClassifier(str(pretrained), num_labels=task.num_labels, metrics=task.metrics,
-                                    pooling=recipe.pooling, **common)
+                                    pooling=recipe.pooling, dropout=recipe.dropout, layer_decay=recipe.layer_decay,
+                                    **common)
     else:
         module = TextToText(str(pretrained), references={s: datamodule.references(s) for s in task.eval_splits},
-                            max_new_tokens=recipe.max_target_length, **common)
+                            max_new_tokens=recipe.max_target_length, dropout=recipe.dropout, **common)
     trainer = L.Trainer(
         max_epochs=recipe.epochs, accelerator="auto", devices=1, precision=precision, num_sanity_val_steps=0,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress, log_every_n_steps=10,
@@ -208,6 +211,8 @@ def evaluate_checkpoint(ckpt_path: str, suite: str, output: str, seeds: list[int
         recipe = replace(recipe, **{k: v for k, v in (overrides or {}).items() if v is not None})
         if recipe.pooling not in POOLINGS:
             raise UserError(f"--pooling {recipe.pooling}: choose from {', '.join(POOLINGS)}")
+        if family == "t5" and recipe.layer_decay != 1.0:
+            raise UserError(f"--layer_decay {recipe.layer_decay}: layer-wise rates are for BERT; T5 fine-tunes at one rate")
         architecture = architecture_of(pretrained)
         positions = _max_positions(pretrained)
         if positions is not None and recipe.max_length > positions:

@@ -161,3 +161,33 @@ def test_the_tuning_split_is_carved_from_the_training_examples(private_cache):
     assert train + held == list(reported.raw["train"]["text_a"])  # the training split, cut in two
     assert not set(held) & set(reported.raw["validation"]["text_a"])  # never the reported validation split
 
+
+
+# ----- layer-wise learning rates ------------------------------------------------------------------------------
+
+
+def test_layerwise_rates_decay_from_the_head_to_the_embeddings_and_cover_every_parameter_once():
+    from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForSequenceClassification
+
+    from lightning_modules.finetuning import layer_depth, layerwise_parameter_groups
+
+    config = RobertaPreLayerNormConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=40, num_labels=2)
+    model = RobertaPreLayerNormForSequenceClassification(config)
+    named = list(model.named_parameters())
+    assert layer_depth("roberta_prelayernorm.embeddings.word_embeddings.weight", 3) == 0
+    assert layer_depth("roberta_prelayernorm.encoder.layer.2.output.dense.weight", 3) == 3
+    assert layer_depth("classifier.out_proj.weight", 3) == 4 and layer_depth("roberta_prelayernorm.LayerNorm.bias", 3) == 4
+
+    groups = layerwise_parameter_groups(named, 3, 1e-3, 0.5)
+    # the head at 1e-3, layers 2, 1, 0 at 5e-4, 2.5e-4, 1.25e-4, the embeddings at 1e-3 / 16
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 / 16, 1.25e-4, 2.5e-4, 5e-4, 1e-3])
+    grouped_ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped_ids) == sorted(id(p) for _, p in named)  # every parameter, once
+    assert id(model.classifier.out_proj.weight) in {id(p) for p in groups[-1]["params"]}
+    assert id(model.roberta_prelayernorm.embeddings.word_embeddings.weight) in {id(p) for p in groups[0]["params"]}
+
+    uniform = layerwise_parameter_groups(named, 3, 1e-3, 1.0)
+    assert {g["lr"] for g in uniform} == {1e-3}
+    with pytest.raises(Exception, match="layer_decay"):
+        layerwise_parameter_groups(named, 3, 1e-3, 0.0)
