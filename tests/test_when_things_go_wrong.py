@@ -109,6 +109,34 @@ def _(t, corpus, trained, capsys):
     return _error(tiny_fit_args(corpus, t, "--trainer.accumulate_grad_batches", "1000"), capsys)
 
 
+@scenario("corpus: a file that is not UTF-8 text")
+def _(t, corpus, trained, capsys):
+    (t / "latin1.txt").write_bytes(corpus.read_bytes() + "café au lait\n".encode("latin-1"))
+    line = _error(tiny_fit_args(t / "latin1.txt", t), capsys)
+    assert f"byte {len(corpus.read_bytes()) + 3:,} (0xe9)" in line  # the offset of the é
+    return line
+
+
+@scenario("command line: an option the config does not have")
+def _(t, corpus, trained, capsys):
+    return _error(tiny_fit_args(corpus, t, "--trainer.max_stepz", "4"), capsys)
+
+
+@scenario("command line: a class whose module is not importable")
+def _(t, corpus, trained, capsys):
+    return _error(tiny_fit_args(corpus, t, "--model.class_path", "mymethods.Sketch"), capsys)
+
+
+@scenario("command line: --budget without an RSTBudget callback")
+def _(t, corpus, trained, capsys):
+    return _error(tiny_fit_args(corpus, t, "--budget", "10s"), capsys)
+
+
+@scenario("command line: a callback argument for a callback the config lacks")
+def _(t, corpus, trained, capsys):
+    return _error(tiny_fit_args(corpus, t, "--trainer.callbacks.Stacking.schedule", "x"), capsys)
+
+
 @scenario("corpus: an unknown data.corpus.source")
 def _(t, corpus, trained, capsys):
     return _error(tiny_fit_args(corpus, t, "--data.corpus.source", "wikipedia"), capsys)

@@ -12,6 +12,7 @@ ends with a validation of the final model, a one-line summary and ``summary.json
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import pickle
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks.checkpointing import RunCheckpoint
 from callbacks.numerics import NonFiniteCheck, NonFiniteError
 from core.errors import UserError
+from training.command_line import apply_overrides, condense_parser_error, split_overrides
 from training.run_folder import claim_log_version, record_fingerprint, resolve_checkpoint
 from training.summary import summarize_fit, write_summary
 
@@ -30,7 +32,15 @@ __all__ = ["PretrainingCLI", "configured", "parsed_config"]
 
 class PretrainingCLI(LightningCLI):
     """LightningCLI with the data -> model links, resuming by keyword, fresh log versions claimed
-    atomically, the non-finite check, and the end-of-fit summary."""
+    atomically, the non-finite check, and the end-of-fit summary; ``--budget`` and callback arguments by class
+    name (``training.command_line``); parser errors raised (``argparse.ArgumentError``), not printed with the
+    usage text."""
+
+    def __init__(self, *positional, args: list[str] | None = None, parser_kwargs: dict | None = None, **kwargs) -> None:
+        argv, self.overrides = split_overrides(sys.argv[1:] if args is None else list(args))
+        raising = {"exit_on_error": False}
+        parser_kwargs = {**raising, **{name: dict(raising) for name in ("fit", "validate", "test")}, **(parser_kwargs or {})}
+        super().__init__(*positional, args=argv, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -56,6 +66,7 @@ class PretrainingCLI(LightningCLI):
             ) from None
 
     def before_instantiate_classes(self) -> None:
+        apply_overrides(self.config[self.subcommand] if self.subcommand else self.config, self.overrides)
         if self.subcommand == "fit":
             claim_log_version(self.config["fit"])
             record_fingerprint(self.config["fit"])
@@ -128,7 +139,8 @@ def parsed_config(configs: list[str] | tuple[str, ...]) -> str:
     """The config files merged and checked by the CLI's own parser, as YAML (every default filled in).
 
     Raises:
-        UserError: the configs do not parse; the message is the parser's last line.
+        UserError: the configs do not parse; the message is the line of the parser's report that says why
+            (``condense_parser_error``: a missing module is named as such).
     """
     captured = io.StringIO()
     try:
@@ -136,6 +148,5 @@ def parsed_config(configs: list[str] | tuple[str, ...]) -> str:
             cli = _ConfigOnly(args=[arg for config in configs for arg in ("--config", config)], run=False,
                               auto_configure_optimizers=False)
             return cli.parser.dump(cli.config, skip_none=False)
-    except SystemExit:
-        lines = [line for line in captured.getvalue().splitlines() if line.strip()]
-        raise UserError(lines[-1].strip() if lines else "no message") from None
+    except argparse.ArgumentError as error:
+        raise UserError(condense_parser_error(str(error))) from None
