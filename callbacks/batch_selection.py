@@ -36,12 +36,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from core.batch import EXAMPLE_ID, PASS_INDEX
 from core.batch_dicts import Batch, concat_batches, count_examples, split_batch, take_rows
 from core.contracts import BatchSelector, PerExampleLoss
 from core.errors import UserError
-from core.selection import PendingBatch
+from core.seeds import check_resumed_seed, resolve_seed
+from core.selection import PendingBatch, keep_uniforms
 
-__all__ = ["BatchSelection"]
+__all__ = ["BatchSelection", "SeededSelection"]
 
 # the names this module held before the split, and where each lives now
 _MOVED = {
@@ -75,11 +77,24 @@ class _TrainingBatches:
 
 
 class BatchSelection(Callback, BatchSelector):
-    """What selective backprop and RHO-loss share: scoring, buffering, charging, logging, checkpoints.
+    """The base of a batch-selection method: a subclass writes only its rule, ``take_in``.
+
+    What it does for the subclass: reads the candidate stream (``position`` counts candidate micro-batches across
+    passes; the stream ends at each pass and is reopened), scores candidates with the model's per-example loss
+    (forward only, charged to the ledger at the active depth's forward-only price unless ``free_selection``),
+    buffers kept examples until a micro-batch of exactly ``data.batch_size`` exists, logs ``selection/*`` curves
+    and saves its per-process state (gathered across ranks) in the checkpoint, restored on resume. A rule that
+    keeps state of its own extends ``_reset_state``, ``_local_state`` and ``_load_local_state``.
+
+    Class attributes:
+        scores_candidates: ``False`` for a rule that does not read losses (uniform selection): no scoring
+            forward runs and none is charged; ``take_in`` receives zeros.
 
     Args:
         free_selection: do not charge the scoring forwards to the budget (the paper's "for free" ablation).
     """
+
+    scores_candidates: bool = True
 
     def __init__(self, free_selection: bool = False) -> None:
         super().__init__()
@@ -129,7 +144,8 @@ class BatchSelection(Callback, BatchSelector):
         """Score candidates until ``batch_size`` examples are kept; return them (the rest stay buffered)."""
         while count_examples(self.ready) < self._batch_size:
             candidates = self._next_candidates()
-            self.take_in(candidates, self.score(candidates))
+            scores = self.score(candidates) if self.scores_candidates else np.zeros(count_examples(candidates))
+            self.take_in(candidates, scores)
         batch, self.ready = split_batch(self.ready, self._batch_size)
         return batch
 
@@ -246,3 +262,42 @@ class BatchSelection(Callback, BatchSelector):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)  # applied in on_train_start, once this process knows its rank
+
+
+class SeededSelection(BatchSelection):
+    """A batch selection with random keep draws: ``uniforms(candidates)`` gives one number in [0, 1) per candidate,
+    a function of (seed, pass, example id) only (``core.selection.keep_uniforms``), so a resumed run draws what an
+    uninterrupted one would. The seed is checked on resume.
+
+    Args:
+        seed: seed of the keep draws; ``None`` (default): the run's seed (``seed_everything``), resolved at setup.
+        free_selection: do not charge the scoring forwards.
+    """
+
+    def __init__(self, seed: int | None = None, free_selection: bool = False) -> None:
+        self.seed = None if seed is None else int(seed)
+        self._keep_seed: int | None = None  # the seed resolved at setup
+        super().__init__(free_selection=free_selection)
+
+    @property
+    def keep_seed(self) -> int:
+        """The seed of the keep draws: ``seed``, or the run's seed (resolved at setup; before it, now)."""
+        return self._keep_seed if self._keep_seed is not None else resolve_seed(self.seed)
+
+    def uniforms(self, candidates: Batch) -> np.ndarray:
+        return keep_uniforms(self.keep_seed, candidates[PASS_INDEX].tolist(), candidates[EXAMPLE_ID].tolist())
+
+    @override
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._keep_seed = resolve_seed(self.seed)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "seed": self.keep_seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_resumed_seed(f"{type(self).__name__} seed", self.keep_seed, state_dict.get("seed"))
+        super().load_state_dict(state_dict)

@@ -10,19 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from typing_extensions import override
-
-from callbacks.batch_selection import BatchSelection
-from core.batch import EXAMPLE_ID, PASS_INDEX
+from callbacks.batch_selection import SeededSelection
 from core.batch_dicts import Batch
 from core.errors import UserError
-from core.seeds import check_resumed_seed, resolve_seed
-from core.selection import LossHistory, expected_keep_rate, keep_probabilities, keep_uniforms
+from core.selection import LossHistory, expected_keep_rate, keep_probabilities
 
 __all__ = ["SelectiveBackprop"]
 
 
-class SelectiveBackprop(BatchSelection):
+class SelectiveBackprop(SeededSelection):
     """Selective backprop (Jiang et al. 2019; paper section 5.1): keep the examples with high losses, at random.
 
     Each candidate is kept with probability ``max(floor, percentile ** beta)``, where percentile is
@@ -60,29 +56,7 @@ class SelectiveBackprop(BatchSelection):
             raise UserError(f"SelectiveBackprop prime_batches={prime_batches} must be >= 0")
         self.beta, self.history_size, self.floor = float(beta), int(history), float(floor)
         self.prime_batches = int(prime_batches)
-        self.seed = None if seed is None else int(seed)
-        self._keep_seed: int | None = None  # the seed resolved at setup
-        super().__init__(free_selection=free_selection)
-
-    @property
-    def keep_seed(self) -> int:
-        """The seed of the keep draws: ``seed``, or the run's seed (resolved at setup; before it, now)."""
-        return self._keep_seed if self._keep_seed is not None else resolve_seed(self.seed)
-
-    @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._keep_seed = resolve_seed(self.seed)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.keep_seed}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_resumed_seed("SelectiveBackprop seed", self.keep_seed, state_dict.get("seed"))
-        super().load_state_dict(state_dict)
+        super().__init__(seed=seed, free_selection=free_selection)
 
     def _reset_state(self) -> None:
         super()._reset_state()
@@ -104,6 +78,5 @@ class SelectiveBackprop(BatchSelection):
         if self.prime_batches and self.candidate_batches <= self.prime_batches:  # the first prime_batches
             kept = np.ones(len(losses), dtype=bool)
         else:
-            uniforms = keep_uniforms(self.keep_seed, candidates[PASS_INDEX].tolist(), candidates[EXAMPLE_ID].tolist())
-            kept = uniforms < probabilities
+            kept = self.uniforms(candidates) < probabilities
         self.keep(candidates, losses, kept)

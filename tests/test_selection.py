@@ -17,6 +17,7 @@ from callbacks.irreducible_scoring import score_training_examples
 from callbacks.rho_loss import RhoLoss
 from callbacks.rst import RSTBudget
 from callbacks.selective_backprop import SelectiveBackprop
+from callbacks.uniform_selection import UniformSelection
 from core.batch import EXAMPLE_ID, INPUT_IDS, PASS_INDEX
 from core.batch_dicts import concat_batches, count_examples, split_batch, take_rows
 from core.cost_table import CostTable
@@ -213,6 +214,24 @@ def test_priming_keeps_everything_and_free_selection_charges_nothing():
     assert SelectiveBackprop(beta=1.0).planned_scored_per_trained() == 2.0
     assert RhoLoss(ratio=0.25, irreducible_losses="x.npy").planned_scored_per_trained() == 4.0
     assert RhoLoss(ratio=0.5, irreducible_model="x.ckpt").planned_scored_per_trained() == 4.0  # two models score
+
+
+def test_uniform_selection_keeps_its_draws_below_p_scores_nothing_and_keeps_about_p():
+    losses = np.random.default_rng(3).random(4096)
+    batches = [_candidates(range(i, i + 64), pass_index=1) for i in range(0, 4096, 64)]
+    model = ScoresById(losses)
+    uniform = UniformSelection(keep_probability=0.3, seed=7)
+    served = _serve(uniform, model, batches, batch_size=32, steps=30)
+    draws = keep_uniforms(7, [1] * 4096, np.arange(4096))
+    expected = np.flatnonzero(draws < 0.3).tolist()
+    assert torch.cat([b[EXAMPLE_ID] for b in served]).tolist() == expected[:960]
+    assert dict(model.work_ledger.counts) == {}  # nothing scored, nothing charged: only training is charged
+    assert uniform.planned_scored_per_trained() == 0.0
+    read = uniform.candidate_batches * 64
+    kept = np.count_nonzero(draws[:read] < 0.3)
+    assert abs(kept / read - 0.3) < 4 * np.sqrt(0.3 * 0.7 / read)  # the keep rate is p, within 4 standard errors
+    with pytest.raises(UserError, match="keep_probability=0"):
+        UniformSelection(keep_probability=0.0)
 
 
 # --------------------------------------------------------------------------- splits
@@ -431,14 +450,15 @@ def test_a_wall_clock_budget_counts_the_scoring_time(corpus_file, tmp_path):
     assert budget.selection_spent < budget.spent_seconds
 
 
-def test_selective_backprop_resumed_at_step_6_trains_on_the_same_examples(corpus_file, tmp_path):
-    for make in (lambda: SelectiveBackprop(beta=1.0, history=40), ):
-        _, _, full = _fit(tmp_path / "full", corpus_file, make(), max_steps=12, every=6)
-        _, _, resumed = _fit(tmp_path / "resumed", corpus_file, make(), max_steps=12,
-                             ckpt_path=tmp_path / "full" / "ckpt" / "step=6.ckpt")
-        after = [r for r in full.records if r[0] > 6]  # steps are counted after each update
-        assert [ids for _, ids, _ in resumed.records] == [ids for _, ids, _ in after]
-        assert [loss for *_, loss in resumed.records] == pytest.approx([loss for *_, loss in after], rel=1e-5)
+@pytest.mark.parametrize("make", [lambda: SelectiveBackprop(beta=1.0, history=40),
+                                  lambda: UniformSelection(keep_probability=0.5)], ids=["selective-backprop", "uniform"])
+def test_a_selection_resumed_at_step_6_trains_on_the_same_examples(make, corpus_file, tmp_path):
+    _, _, full = _fit(tmp_path / "full", corpus_file, make(), max_steps=12, every=6)
+    _, _, resumed = _fit(tmp_path / "resumed", corpus_file, make(), max_steps=12,
+                         ckpt_path=tmp_path / "full" / "ckpt" / "step=6.ckpt")
+    after = [r for r in full.records if r[0] > 6]  # steps are counted after each update
+    assert [ids for _, ids, _ in resumed.records] == [ids for _, ids, _ in after]
+    assert [loss for *_, loss in resumed.records] == pytest.approx([loss for *_, loss in after], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -557,7 +577,7 @@ def test_t5_selective_backprop_with_accumulation_and_bf16(corpus_file, tmp_path)
 
 @pytest.mark.slow
 def test_selection_curves_and_the_rst_split_reach_tensorboard(corpus_file, tmp_path):
-    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(ROOT / "configs/bert/demo-selective-backprop.yaml"),
+    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(ROOT / f"configs/bert/demo-{method}.yaml"),
                          "--trainer.max_steps", "10")
     cli.main(args)
     curves = scalars(tmp_path / "bert-demo-selective-backprop" / "version_0")
@@ -582,11 +602,12 @@ def test_plan_charges_the_expected_scoring(capsys):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_ddp_processes_select_on_their_own_and_step_together(corpus_file, tmp_path):
+@pytest.mark.parametrize("method, callback", [("selective-backprop", "SelectiveBackprop"), ("uniform-selection", "UniformSelection")])
+def test_two_ddp_processes_select_on_their_own_and_step_together(method, callback, corpus_file, tmp_path):
     probe = tmp_path / "probe.yaml"
     probe.write_text(yaml.safe_dump({"trainer": {"callbacks+": [
         {"class_path": "ddp_probe.RecordActiveLayers", "init_args": {"directory": str(tmp_path / "records")}}]}}))
-    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(ROOT / "configs/bert/demo-selective-backprop.yaml"),
+    args = tiny_fit_args(corpus_file, tmp_path, "--config", str(ROOT / f"configs/bert/demo-{method}.yaml"),
                          "--config", str(probe), "--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "2",
                          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -598,9 +619,11 @@ def test_two_ddp_processes_select_on_their_own_and_step_together(corpus_file, tm
     assert [r[0] for r in training[0]] == [r[0] for r in training[1]] == [s for s in range(6) for _ in range(2)]
     assert all(len(r[2]) == 16 for rank in training for r in rank)
     assert not {i for r in training[0] for i in r[2]} & {i for r in training[1] for i in r[2]}  # disjoint candidates
-    ckpt = torch.load(tmp_path / "bert-demo-selective-backprop" / "version_0" / "checkpoints" / "last.ckpt",
-                      weights_only=True)
-    state = ckpt["callbacks"]["SelectiveBackprop"]
+    ckpt = torch.load(tmp_path / f"bert-demo-{method}" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = ckpt["callbacks"][callback]
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     scored = sum(rank["candidate_batches"] for rank in state["ranks"]) * 16
-    assert ckpt["work_ledger"]["fwd/2"] == scored  # the ranks' own counts, summed
+    if callback == "UniformSelection":
+        assert "fwd/2" not in ckpt["work_ledger"] and scored > 6 * 2 * 2 * 16  # read more candidates than it trained
+    else:
+        assert ckpt["work_ledger"]["fwd/2"] == scored  # the ranks' own counts, summed
