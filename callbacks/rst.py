@@ -6,12 +6,15 @@ schedule is a function of ``tau = RST spent / RST budget``. The arithmetic lives
 ``core/budget.py``; this callback measures or prices this process's work, sums it over the processes
 once per optimizer step, logs it and stops every process at the same optimizer step. With batch
 selection it also reports the share of the RST spent scoring candidates (``rst/selection_seconds``)
-next to the rest (``rst/training_seconds``).
+next to the rest (``rst/training_seconds``). A method's own kind of work (an EMA update) is charged with
+``charged_work``: to the ledger (priced by the table's ``work_seconds``) and, in wall mode, as measured time.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -21,12 +24,34 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from core.budget import BUDGET_STATE_KEY, BudgetAccount, saved_budget_state
-from core.contracts import BatchSelector, BudgetClock, ChargesWork
+from core.contracts import BatchSelector, BudgetClock, ChargesWork, DoesOwnWork, SequenceSchedule
 from core.cost_table import CostTable
 from core.durations import format_duration, parse_duration
 from core.errors import UserError
 
-__all__ = ["RSTBudget"]
+__all__ = ["RSTBudget", "charged_work"]
+
+
+@contextmanager
+def charged_work(trainer: L.Trainer, kind: str, amount: float = 1.0, *, per: str = "events") -> Iterator[None]:
+    """Charge the work done inside the block to the run's budget: ``amount`` units of ``kind``.
+
+    The units go to the module's work ledger (``WorkLedger.charge_work``; a table-mode budget prices them
+    with its table's ``work_seconds``); a wall-mode budget adds the block's measured time, unless the block
+    runs inside a training batch it already times. Without a budget, or for a module without a ledger, the
+    block just runs.
+
+    >>> # in a callback's hook:  with charged_work(trainer, "ema_update"): ema_update(average, weights, 0.99)
+    """
+    start = time.monotonic()
+    yield
+    seconds = time.monotonic() - start
+    ledger = getattr(trainer.lightning_module, "work_ledger", None)
+    if ledger is not None:
+        ledger.charge_work(kind, amount, per=per)
+    for clock in trainer.callbacks:
+        if isinstance(clock, RSTBudget):
+            clock.add_measured_work(seconds)
 
 
 
@@ -65,6 +90,7 @@ class RSTBudget(Callback, BudgetClock):
         self._selection_offset = 0.0  # selection RST of the whole run before this fit (checkpoint)
         self.selection_spent = 0.0  # selection RST of the whole run, as of the last sync
         self._wall_train = 0.0  # seconds measured in training batches on this rank
+        self._wall_own_work = 0.0  # seconds of methods' own work measured outside them (``charged_work``)
         self._batch_start: float | None = None
         self._fit_start = time.monotonic()
         self._synced_step = -1
@@ -107,10 +133,15 @@ class RSTBudget(Callback, BudgetClock):
         if self.mode == "wall":  # the measured batches, and the one in progress (the LR schedule syncs mid-batch)
             running = time.monotonic() - self._batch_start if self._batch_start is not None else 0.0
             scoring = selector.scoring_wall_seconds if selector is not None else 0.0  # 0 when selection is free
-            return self._wall_train + running + scoring, scoring
+            return self._wall_train + self._wall_own_work + running + scoring, scoring
         world_size = pl_module.trainer.world_size if pl_module._trainer is not None else 1
         ledger = pl_module.work_ledger
         return self.account.price(ledger, world_size), self.account.table.seconds(ledger.of_kind("fwd"))
+
+    def add_measured_work(self, seconds: float) -> None:
+        """Wall mode: add ``seconds`` of a method's own work, unless a training batch in progress times it."""
+        if self.mode == "wall" and self._batch_start is None:
+            self._wall_own_work += float(seconds)
 
     def sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Bring ``spent`` up to date on every rank (one all-reduce); idempotent within an optimizer step."""
@@ -164,6 +195,12 @@ class RSTBudget(Callback, BudgetClock):
         if self.table is not None:
             for optimizer in trainer.optimizers:  # a price it lacks fails now, not at the first step
                 self.table.optimizer_step(type(optimizer).__name__)
+            for callback in trainer.callbacks:
+                if isinstance(callback, DoesOwnWork):
+                    for kind in callback.work_kinds():
+                        self.table.work(kind)
+                if isinstance(callback, SequenceSchedule):
+                    self.table.check_lengths(callback.lengths(getattr(trainer.datamodule, "seq_len", self.table.seq_len)))
         self._baseline, self._selection_baseline = self._local_seconds(pl_module)
         self.selection_spent = self._selection_offset
         self._checked_step = trainer.global_step

@@ -14,8 +14,10 @@ The methods:
   snapshots of the weights, one taken every ``interval`` optimizer steps.
 
 The arithmetic is in pure functions (``ema_update``, ``uniform_average``) that tests pin against hand-computed
-averages. An update reads every parameter once, a small fraction of a step; it is not charged to the RST
-budget (the ledger has no kind for it yet; docs/adding-a-method.md).
+averages. Their work is charged to the RST budget as kinds of their own (``DoesOwnWork``): ``ema_update`` and
+``lawa_snapshot``, one event each; a cost table prices them under ``work_seconds`` (``train.py calibrate``
+times them), and ``train.py plan`` replays them. Averaging the snapshots for a validation is evaluation,
+which no budget charges.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from callbacks.rst import charged_work
+from core.contracts import DoesOwnWork
 from core.errors import UserError
 
 __all__ = ["EMA", "LAWA", "EvaluationWeights", "ema_update", "uniform_average"]
@@ -51,6 +57,17 @@ def uniform_average(snapshots: Sequence[Mapping[str, torch.Tensor]]) -> dict[str
 
 def _parameters(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def _seconds_per_call(work, repeats: int = 5) -> float:
+    """The median wall seconds of ``work()`` over ``repeats`` calls, after one warm-up call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def _aliases(pl_module: L.LightningModule) -> dict[str, str]:
@@ -126,7 +143,7 @@ class EvaluationWeights(Callback):
             pl_module.load_state_dict(checkpoint[RAW_STATE_KEY])
 
 
-class EMA(EvaluationWeights):
+class EMA(EvaluationWeights, DoesOwnWork):
     """An exponential moving average of the weights, evaluated, checkpointed and exported in their place.
 
     Args:
@@ -154,10 +171,22 @@ class EMA(EvaluationWeights):
             return  # before the first update, inside gradient accumulation, or between updates
         self._last_step = step
         weights = _parameters(pl_module)
-        if self.average is None:
-            self.average = {name: value.detach().clone() for name, value in weights.items()}
-        else:
-            ema_update(self.average, weights, self.decay)
+        with charged_work(trainer, "ema_update"):
+            if self.average is None:
+                self.average = {name: value.detach().clone() for name, value in weights.items()}
+            else:
+                ema_update(self.average, weights, self.decay)
+
+    def work_kinds(self) -> dict[str, str]:
+        return {"ema_update": "events"}
+
+    def planned_work(self, step: int, tau: float) -> dict[str, float]:
+        return {"ema_update": 1.0} if step % self.every == 0 else {}
+
+    def measure_work(self, model: L.LightningModule) -> dict[str, float]:
+        weights = _parameters(model)
+        average = {name: value.detach().clone() for name, value in weights.items()}
+        return {"ema_update": _seconds_per_call(lambda: ema_update(average, weights, self.decay))}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -168,7 +197,7 @@ class EMA(EvaluationWeights):
         self.average, self._last_step = state_dict["average"], int(state_dict["last_step"])
 
 
-class LAWA(EvaluationWeights):
+class LAWA(EvaluationWeights, DoesOwnWork):
     """Latest weight averaging (Kaddour 2022): the mean of the last ``k`` snapshots, one every ``interval``
     optimizer steps, evaluated, checkpointed and exported in place of the trained weights.
 
@@ -194,8 +223,19 @@ class LAWA(EvaluationWeights):
         if step == 0 or step == self._last_step or step % self.interval:
             return
         self._last_step = step
-        self.snapshots.append({name: value.detach().clone() for name, value in _parameters(pl_module).items()})
-        del self.snapshots[: -self.k]
+        with charged_work(trainer, "lawa_snapshot"):
+            self.snapshots.append({name: value.detach().clone() for name, value in _parameters(pl_module).items()})
+            del self.snapshots[: -self.k]
+
+    def work_kinds(self) -> dict[str, str]:
+        return {"lawa_snapshot": "events"}
+
+    def planned_work(self, step: int, tau: float) -> dict[str, float]:
+        return {"lawa_snapshot": 1.0} if step % self.interval == 0 else {}
+
+    def measure_work(self, model: L.LightningModule) -> dict[str, float]:
+        weights = _parameters(model)
+        return {"lawa_snapshot": _seconds_per_call(lambda: {n: v.detach().clone() for n, v in weights.items()})}
 
     @override
     def state_dict(self) -> dict[str, Any]:

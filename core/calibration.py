@@ -22,7 +22,7 @@ import torch
 
 from core.cost_table import CostTable
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "time_fwd_bwd_by_length", "time_optimizer_steps"]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -191,3 +191,41 @@ def time_optimizer_steps(
         )
         del optimizer
     return result
+
+
+def time_fwd_bwd_by_length(
+    model: Any,
+    batches: dict[int, dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str,
+    warmup: int = 3,
+    iterations: int = 10,
+    rounds: int = 3,
+) -> dict[int, list[float]]:
+    """Seconds of a forward+backward micro-batch at every depth for each length's ``batches[n]`` (a batch of the
+    run's shape with its sequences cut to ``n`` tokens): the prices of sequence-length warm-up. Timed as
+    ``calibrate`` times the full length (rounds interleave the lengths and depths; median over rounds)."""
+    model = model.to(device)
+    if hasattr(model, "prepare_for_steps"):
+        model.prepare_for_steps(device, str(precision))
+    autocast = _autocast(device, str(precision))
+    optimizer = model.build_optimizer()
+    model.train()
+    depths = range(1, model.num_layers + 1)
+    on_device = {n: {k: v.to(device) for k, v in b.items()} for n, b in batches.items()}
+    measured: dict[int, dict[int, list[float]]] = {n: {k: [] for k in depths} for n in batches}
+    for _ in range(rounds):
+        for n, batch in on_device.items():
+            for k in depths:
+                model.set_active_layers(range(k))
+
+                def fwd_bwd(batch=batch) -> None:
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast:
+                        loss, _ = model.compute_loss(batch)
+                    loss.backward()
+
+                measured[n][k].append(_median_seconds(fwd_bwd, device, warmup, iterations))
+    model.set_active_layers(None)
+    return {n: [statistics.median(measured[n][k]) for k in depths] for n in sorted(batches)}

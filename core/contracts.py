@@ -14,7 +14,11 @@ Callbacks (``callbacks/``) implement:
 - ``DepthSchedule``: a callback that decides which layers run at each optimizer step (layer stacking,
   layer dropping); at most one per run, and ``train.py plan`` replays it;
 - ``BatchSelector``: a callback that chooses the examples of every training micro-batch from scored
-  candidates (selective backprop, RHO-loss); the data module asks it for the training batches.
+  candidates (selective backprop, RHO-loss); the data module asks it for the training batches;
+- ``SequenceSchedule``: a callback that cuts the training sequences shorter as a function of tau
+  (sequence-length warm-up); ``train.py plan`` replays it and ``train.py calibrate`` prices its lengths;
+- ``DoesOwnWork``: a callback that does work of a kind of its own (an EMA update) and charges it
+  (``callbacks.rst.charged_work``); ``train.py plan`` replays it and ``train.py calibrate`` prices it.
 
 Code finds its partners by these types (``isinstance``), never by attribute probing or class names.
 """
@@ -33,10 +37,12 @@ __all__ = [
     "BudgetClock",
     "ChargesWork",
     "DepthSchedule",
+    "DoesOwnWork",
     "EstimatesHessian",
     "LayerControl",
     "ModalOptimizer",
     "PerExampleLoss",
+    "SequenceSchedule",
     "SkipsOptimizerSteps",
 ]
 
@@ -193,3 +199,43 @@ class BatchSelector(ABC):
     @abstractmethod
     def planned_scored_per_trained(self) -> float:
         """For ``train.py plan``: expected forward-only examples charged per trained example."""
+
+
+class DoesOwnWork(ABC):
+    """A callback that does work of kinds of its own and charges it, so that the RST budget pays for it.
+
+    It wraps each piece of work in ``callbacks.rst.charged_work(trainer, kind, amount, per=...)``, which
+    charges the module's work ledger (a table-mode budget prices it with the table's ``work_seconds``) and,
+    in wall mode, adds the measured time. ``RSTBudget`` refuses at start-up a table-mode run whose table lacks
+    a price for one of ``work_kinds``; ``train.py plan`` charges ``planned_work`` after every optimizer step;
+    ``train.py calibrate`` stores what ``measure_work`` times.
+    """
+
+    @abstractmethod
+    def work_kinds(self) -> dict[str, str]:
+        """Each kind of work this callback charges -> its unit, ``"events"`` or ``"examples"``."""
+
+    @abstractmethod
+    def planned_work(self, step: int, tau: float) -> dict[str, float]:
+        """For ``train.py plan``: units of each kind the whole run does after optimizer step ``step`` (1 for the
+        first), with ``tau`` the budget progress after that step (what the run's clock reads then)."""
+
+    def measure_work(self, model: Any) -> dict[str, float]:
+        """For ``train.py calibrate``: seconds of one unit of each kind on this machine for ``model``
+        (a configured module, on the device calibration uses); empty: it cannot be timed apart."""
+        return {}
+
+
+class SequenceSchedule(ABC):
+    """A callback that trains on sequences cut shorter than the data's ``seq_len`` early in the budget; at most
+    one per run. The module charges each pass at the length it ran (``fwd_bwd/<k>@<n>``), a table prices each
+    length (``fwd_bwd_seconds_by_length``), and ``RSTBudget`` refuses at start-up a table-mode run whose table
+    lacks one of ``lengths``."""
+
+    @abstractmethod
+    def planned_length(self, tau: float, full_length: int) -> int:
+        """For ``train.py plan``: the tokens per sequence at budget progress ``tau`` (the run's own rule)."""
+
+    @abstractmethod
+    def lengths(self, full_length: int) -> list[int]:
+        """Every length shorter than ``full_length`` the schedule can train on (``train.py calibrate`` times them)."""

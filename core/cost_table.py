@@ -3,11 +3,13 @@
 No Train No Gain (Kaddour et al. 2023, arXiv:2307.06440, section 2): a run's compute is the sum,
 over the work it actually did, of what that work costs on a *reference machine*:
 
-    RST = sum_k  n_fwd_bwd(k) * t_fb(k) + n_fwd(k) * t_f(k)  +  n_steps * t_opt
+    RST = sum_k  n_fwd_bwd(k) * t_fb(k) + n_fwd(k) * t_f(k)  +  n_steps * t_opt  +  sum_w n_w * t_w
 
 with ``n_*(k)`` the micro-batches run with ``k`` active layers (counted by the work ledger,
 ``core/ledger.py``) and ``t_*`` the seconds per micro-batch in a cost table measured once on the
-reference machine (``train.py calibrate``) or taken from the paper (``configs/rst/``). The table
+reference machine (``train.py calibrate``) or taken from the paper (``configs/rst/``); ``n_w`` counts the units
+of a method's own kind of work ``w`` (an EMA update; ``WorkLedger.charge_work``) and ``t_w`` is its price under
+``work_seconds``, which ``train.py calibrate`` measures for the callbacks of the configuration it is given. The table
 format is documented in docs/rst.md ("Table format") and in docs/design.md. A saved table carries a
 SHA-256 seal of its content (``core/sealing.py``): an edited table is refused when it is loaded;
 ``python -m core.cost_table seal FILE`` re-seals one edited on purpose.
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.ledger import WorkLedger
+from core.ledger import WorkLedger, split_depth_key
 from core.sealing import seal, verify_seal
 
 __all__ = ["TABLE_FORMAT", "CostTable"]
@@ -42,7 +44,10 @@ class CostTable:
     ``optimizer_step_seconds`` maps an optimizer class name to seconds per step (empty: no step is charged;
     otherwise a name it lacks is refused, see ``optimizer_step``);
     a Hessian pass (Sophia) costs a forward+backward micro-batch, unless ``hessian_in_optimizer_step``
-    says the optimizer step prices already include them (the paper's T5 table timed whole steps).
+    says the optimizer step prices already include them (the paper's T5 table timed whole steps);
+    ``work_seconds`` maps a method's own kind of work to the seconds of one unit (one event, or one example);
+    a kind it lacks is refused (see ``work``); ``fwd_bwd_seconds_by_length`` maps a shorter sequence length
+    (sequence-length warm-up) to its ``fwd_bwd_seconds``; a length it lacks is refused.
     """
 
     fwd_bwd_seconds: list[float]
@@ -51,6 +56,8 @@ class CostTable:
     fwd_seconds: list[float] | float | None = None
     optimizer_step_seconds: dict[str, float] = field(default_factory=dict)
     hessian_in_optimizer_step: bool = False
+    work_seconds: dict[str, float] = field(default_factory=dict)
+    fwd_bwd_seconds_by_length: dict[int, list[float]] = field(default_factory=dict)
     machine: Any = None
     model: Any = None
     notes: str | None = None
@@ -92,6 +99,9 @@ class CostTable:
             fwd_seconds=data.get("fwd_seconds"),
             optimizer_step_seconds={str(k): float(v) for k, v in (data.get("optimizer_step_seconds") or {}).items()},
             hessian_in_optimizer_step=bool(data.get("hessian_in_optimizer_step", False)),
+            work_seconds={str(k): float(v) for k, v in (data.get("work_seconds") or {}).items()},
+            fwd_bwd_seconds_by_length={int(k): [float(x) for x in v]
+                                       for k, v in (data.get("fwd_bwd_seconds_by_length") or {}).items()},
             machine=data.get("machine"),
             model=data.get("model"),
             notes=data.get("notes"),
@@ -109,6 +119,8 @@ class CostTable:
             "fwd_seconds": self.fwd_seconds,
             "optimizer_step_seconds": self.optimizer_step_seconds,
             **({"hessian_in_optimizer_step": True} if self.hessian_in_optimizer_step else {}),
+            **({"work_seconds": self.work_seconds} if self.work_seconds else {}),
+            **({"fwd_bwd_seconds_by_length": self._by_length()} if self.fwd_bwd_seconds_by_length else {}),
             **({"notes": self.notes} if self.notes else {}),
         }
 
@@ -134,8 +146,13 @@ class CostTable:
             "fwd_seconds": self.fwd_seconds,
             "optimizer_step_seconds": dict(sorted(self.optimizer_step_seconds.items())),
             **({"hessian_in_optimizer_step": True} if self.hessian_in_optimizer_step else {}),
+            **({"work_seconds": dict(sorted(self.work_seconds.items()))} if self.work_seconds else {}),
+            **({"fwd_bwd_seconds_by_length": self._by_length()} if self.fwd_bwd_seconds_by_length else {}),
         }
         return hashlib.sha256(json.dumps(prices, sort_keys=True).encode()).hexdigest()
+
+    def _by_length(self) -> dict[str, list[float]]:
+        return {str(n): self.fwd_bwd_seconds_by_length[n] for n in sorted(self.fwd_bwd_seconds_by_length)}
 
     @property
     def max_layers(self) -> int:
@@ -144,10 +161,26 @@ class CostTable:
     def _where(self) -> str:
         return f"RST cost table {self.path!r}" if self.path else "the RST cost table"
 
-    def fwd_bwd(self, layers: int) -> float:
+    def fwd_bwd(self, layers: int, length: int | None = None) -> float:
+        """Seconds of a forward+backward micro-batch with ``layers`` active layers, of sequences cut to ``length``
+        tokens (``None`` or the table's ``seq_len``: full length)."""
         if not 1 <= layers <= self.max_layers:
             raise UserError(f"{self._where()} has fwd_bwd_seconds for 1..{self.max_layers} layers, not {layers}")
-        return self.fwd_bwd_seconds[layers - 1]
+        if length is None or length == self.seq_len:
+            return self.fwd_bwd_seconds[layers - 1]
+        self.check_lengths([length])
+        return self.fwd_bwd_seconds_by_length[length][layers - 1]
+
+    def check_lengths(self, lengths) -> None:
+        """Refuse, in one line, sequence lengths this table has no forward+backward prices for."""
+        missing = sorted({int(n) for n in lengths} - set(self.fwd_bwd_seconds_by_length) - {self.seq_len})
+        if missing:
+            have = ", ".join(map(str, sorted(self.fwd_bwd_seconds_by_length))) or "none"
+            raise UserError(
+                f"{self._where()} prices sequences of {self.seq_len} tokens and of {have} shorter ones, not of "
+                f"{', '.join(map(str, missing))}: time them on the table's machine with `train.py calibrate --config "
+                f"<your config> --output {self.path or 'TABLE'} --update --lengths`, or use RSTBudget mode=wall"
+            )
 
     def fwd(self, layers: int) -> float:
         if self.fwd_seconds is None:
@@ -171,24 +204,36 @@ class CostTable:
             )
         return self.optimizer_step_seconds[name]
 
+    def work(self, kind: str) -> float:
+        """Seconds of one unit of a method's own kind of work ``kind``; a kind the table lacks is refused."""
+        if kind not in self.work_seconds:
+            have = f"prices {', '.join(sorted(self.work_seconds))}" if self.work_seconds else "prices no work of methods' own"
+            raise UserError(
+                f"{self._where()} {have}, not {kind!r}: time it on the table's machine with `train.py calibrate "
+                f"--config <your config> --output {self.path or 'TABLE'} --update --work`, or use RSTBudget mode=wall"
+            )
+        return self.work_seconds[kind]
+
     def seconds(self, ledger: WorkLedger, optimizer_share: float = 1.0) -> float:
         """Reference seconds of everything in ``ledger`` (example counts scaled by the micro-batch size).
 
-        ``optimizer_share``: the fraction of each optimizer step this ledger pays. Under DDP every rank
-        steps its replica, but the reference machine steps once per global step, so each of N ranks
-        pays 1/N.
+        ``optimizer_share``: the fraction of each optimizer step (and of each work event) this ledger pays.
+        Under DDP every rank steps its replica, but the reference machine steps once per global step, so
+        each of N ranks pays 1/N.
         """
         total = 0.0
         for kind, key, amount in ledger.entries():
             if kind == "fwd_bwd":
-                total += amount / self.micro_batch_size * self.fwd_bwd(key)
+                total += amount / self.micro_batch_size * self.fwd_bwd(*split_depth_key(key))
             elif kind == "fwd":
                 total += amount / self.micro_batch_size * self.fwd(key)
             elif kind == "hessian":
                 if not self.hessian_in_optimizer_step:
-                    total += amount / self.micro_batch_size * self.fwd_bwd(key)
-            else:
+                    total += amount / self.micro_batch_size * self.fwd_bwd(*split_depth_key(key))
+            elif kind == "optimizer_step":
                 total += amount * self.optimizer_step(key) * optimizer_share
+            else:  # a method's own kind: events are shared like optimizer steps, examples are this ledger's own
+                total += amount * self.work(kind) * (optimizer_share if key == "events" else 1.0)
         return total
 
     def check_run(self, *, micro_batch_size: int, seq_len: int, num_layers: int) -> None:

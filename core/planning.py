@@ -8,7 +8,10 @@ draws the run will make) and ``planned_phase`` to name its phases. Batch selecti
 ``BatchSelector``: ``planned_scored_per_trained`` forward-only examples are charged per trained
 example (its expectation: selective backprop's keep rate is random), at the step's depth.
 ``planned_optimizer_steps`` and ``passes_read`` tell a run at start-up how far it will read its training
-split (``RhoLoss`` checks that its irreducible losses were scored for that many passes of masks).
+split (``RhoLoss`` checks that its irreducible losses were scored for that many passes of masks). A
+callback that does work of its own (``DoesOwnWork``: an EMA update) has its ``planned_work`` charged after
+each optimizer step, after the budget check of that step, as ``charged_work`` does in a callback that runs
+after ``RSTBudget``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from core.contracts import BatchSelector, BudgetClock, DepthSchedule, EstimatesHessian
+from core.contracts import BatchSelector, BudgetClock, DepthSchedule, DoesOwnWork, EstimatesHessian, SequenceSchedule
 from core.cost_table import CostTable
 from core.errors import UserError
 from core.ledger import WorkLedger
@@ -41,32 +44,43 @@ def simulate(
     scored_per_trained: float = 0.0,
     hessian_interval: int | None = None,
     hessian_micro_batches: int = 0,
+    own_work: Callable[[int, float], dict[str, float]] | None = None,
+    work_units: dict[str, str] | None = None,
+    length_at: Callable[[float], int | None] | None = None,
 ) -> dict[str, Any]:
     """Charge a ledger step by step as ``RSTBudget`` and the module do, until the budget is spent.
 
     ``active_layers_at(tau, step)`` gives the depth of each step; ``phase_at(tau)`` names its phase
     (``None`` or absent: the depth); ``scored_per_trained`` forward-only examples are charged per trained
     example (batch selection); every ``hessian_interval`` steps ``hessian_micro_batches`` micro-batches of
-    Hessian passes are charged (Sophia). The step that crosses the budget is executed (as in the paper and
-    a real run).
+    Hessian passes are charged (Sophia); ``own_work(step, tau)`` gives the units of methods' own kinds of work done
+    after optimizer ``step`` (``work_units``: each kind's unit); ``length_at(tau)`` the tokens per sequence of a
+    step cut shorter (``None``: full length). The step that crosses the budget is executed
+    (as in the paper and a real run).
     """
     ledger = WorkLedger()
     phases: list[dict[str, Any]] = []
     steps, spent = 0, 0.0
+    lengths: dict[str, int] = {}
     while spent < budget_seconds and (max_steps is None or steps < max_steps):
         tau = min(1.0, spent / budget_seconds)
         layers = active_layers_at(tau, steps) if active_layers_at else num_layers
         name = (phase_at(tau) if phase_at else None) or f"{layers} layer{'s' if layers != 1 else ''}"
         before = spent
+        length = length_at(tau) if length_at else None
+        if length_at:
+            lengths[str(length or "full")] = lengths.get(str(length or "full"), 0) + 1
         for _ in range(micro_batches_per_step):
-            ledger.charge_fwd_bwd(layers, micro_batch_size)
+            ledger.charge_fwd_bwd(layers, micro_batch_size, length)
             if scored_per_trained:
                 ledger.charge_fwd(layers, micro_batch_size * scored_per_trained)
         ledger.charge_optimizer_step(optimizer_name)
         steps += 1
         if hessian_interval and steps % hessian_interval == 0:
-            ledger.charge_hessian(layers, micro_batch_size * hessian_micro_batches)
+            ledger.charge_hessian(layers, micro_batch_size * hessian_micro_batches, length)
         spent = table.seconds(ledger)
+        for kind, amount in (own_work(steps, min(1.0, spent / budget_seconds)) if own_work else {}).items():
+            ledger.charge_work(kind, amount, per=(work_units or {}).get(kind, "events"))
         if not phases or phases[-1]["phase"] != name:
             phases.append({"phase": name, "tau_start": tau, "optimizer_steps": 0, "rst_seconds": 0.0, "_layers": 0})
         phases[-1]["optimizer_steps"] += 1
@@ -88,9 +102,13 @@ def simulate(
         "selection_rst_seconds": table.seconds(forwards) if forwards.counts else 0.0,
         "scored_examples": ledger.examples("fwd"),
         "hessian_rst_seconds": table.seconds(hessian) if hessian.counts else 0.0,
+        **({"own_work": {kind: {"units": sum(n for name, n in ledger.counts.items() if name.split("/")[0] == kind),
+                                "rst_seconds": table.seconds(ledger.of_kind(kind))} for kind in ledger.work_kinds()}}
+           if ledger.work_kinds() else {}),
         "budget_seconds": budget_seconds,
         "stopped_by": "budget" if spent >= budget_seconds else "max_steps",
         "phases": phases,
+        **({"sequence_lengths": lengths} if length_at else {}),
     }
 
 
@@ -124,6 +142,28 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
         hessian_interval = optimizer.hessian_interval
         per_rank = optimizer.hessian_micro_batches or trainer.accumulate_grad_batches
         hessian_micro_batches = min(per_rank, trainer.accumulate_grad_batches) * trainer.world_size
+    length_at = None
+    sequence_schedules = [c for c in trainer.callbacks if isinstance(c, SequenceSchedule)]
+    if len(sequence_schedules) > 1:
+        raise UserError(f"trainer.callbacks holds {len(sequence_schedules)} sequence-length schedules: keep one")
+    if sequence_schedules:
+        sequence_schedule, full_length = sequence_schedules[0], datamodule.seq_len
+        table.check_lengths(sequence_schedule.lengths(full_length))
+
+        def length_at(tau: float) -> int | None:
+            length = sequence_schedule.planned_length(tau, full_length)
+            return length if length < full_length else None
+    workers = [c for c in trainer.callbacks if isinstance(c, DoesOwnWork)]
+    work_units = {kind: unit for c in workers for kind, unit in c.work_kinds().items()}
+    for kind in work_units:
+        table.work(kind)  # a kind the table cannot price is refused now, in one line
+
+    def own_work(step: int, tau: float) -> dict[str, float]:
+        work: dict[str, float] = {}
+        for callback in workers:
+            for kind, amount in callback.planned_work(step, tau).items():
+                work[kind] = work.get(kind, 0.0) + amount
+        return work
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     result = simulate(
         table,
@@ -139,6 +179,9 @@ def plan_run(trainer, model, datamodule, table: CostTable, budget_seconds: float
         scored_per_trained=scored_per_trained,
         hessian_interval=hessian_interval,
         hessian_micro_batches=hessian_micro_batches,
+        own_work=own_work if workers else None,
+        work_units=work_units,
+        length_at=length_at,
     )
     result["table"] = table.path
     result["world_size"] = trainer.world_size

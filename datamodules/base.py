@@ -151,6 +151,11 @@ class PretrainingDataModule(L.LightningDataModule, ABC):
         """Corpus tokens consumed per training example."""
         return self.raw_sequence_length
 
+    def cut_batch(self, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """``batch`` with its sequences cut to ``length`` tokens (sequence-length warm-up)."""
+        raise UserError(f"{type(self).__name__} cannot cut its sequences shorter: sequence-length warm-up needs a "
+                        "data module that does (MLMDataModule, SpanCorruptionDataModule)")
+
     @abstractmethod
     def make_collator(self, fixed: bool):
         """The collator of training (``fixed=False``: masks drawn per pass) or validation (``fixed=True``: masks

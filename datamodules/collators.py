@@ -33,6 +33,8 @@ __all__ = [
     "MLMCollator",
     "SpanCorruptionCollator",
     "apply_mlm_masking",
+    "cut_mlm_batch",
+    "cut_span_corruption",
     "random_spans_noise_mask",
     "span_corruption",
     "span_corruption_counts",
@@ -275,3 +277,36 @@ class SpanCorruptionCollator:
             LABELS: torch.as_tensor(np.stack(targets)),
             EXAMPLE_ID: torch.as_tensor([int(e[EXAMPLE_ID]) for e in examples], dtype=torch.long),
         }
+
+
+# ----- sequences cut shorter (sequence-length warm-up, callbacks/sequence_warmup.py) ----------------------
+def cut_mlm_batch(batch: dict[str, torch.Tensor], length: int, full_length: int) -> dict[str, torch.Tensor]:
+    """A masked-LM batch with every per-token tensor (``(B, full_length)``) cut to its first ``length`` tokens, as
+    Li, Zhang and He (2022) truncate each sequence; the masks drawn on the full sequence are kept where they fall."""
+    return {key: value[:, :length] if value.dim() == 2 and value.shape[1] == full_length else value
+            for key, value in batch.items()}
+
+
+def cut_span_corruption(inputs: torch.Tensor, targets: torch.Tensor, length: int, sentinel_ids: Sequence[int],
+                        eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span-corruption inputs cut to ``length`` tokens and the targets that still match them.
+
+    Each input keeps its first ``length - 1`` tokens and ends with ``</s>``; it then holds the first ``s`` of its
+    sentinels, so its targets keep everything before the ``(s+1)``-th sentinel (the spans of the kept ones) and end
+    with ``</s>``. Targets of different lengths are padded with ``IGNORE_INDEX``.
+    """
+    if not 2 <= length <= inputs.shape[1]:
+        raise ValueError(f"cannot cut inputs of {inputs.shape[1]} tokens to {length}")
+    cut = torch.cat([inputs[:, : length - 1], torch.full_like(inputs[:, :1], eos_id)], dim=1)
+    sentinels = torch.as_tensor(list(sentinel_ids), dtype=inputs.dtype, device=inputs.device)
+    kept = torch.isin(cut, sentinels).sum(1).tolist()
+    rows = []
+    for row, keep in zip(targets, kept):
+        positions = torch.isin(row, sentinels).nonzero().flatten().tolist()
+        end = positions[keep] if keep < len(positions) else int((row != IGNORE_INDEX).sum()) - 1  # before its </s>
+        rows.append(torch.cat([row[:end], row.new_tensor([eos_id])]))
+    width = max(len(r) for r in rows)
+    padded = targets.new_full((len(rows), width), IGNORE_INDEX)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    return cut, padded

@@ -14,7 +14,7 @@ import torch
 from core.batch import EXAMPLE_ID, INPUT_IDS
 from core.errors import UserError
 from datamodules.base import PretrainingDataModule
-from datamodules.collators import MLMCollator
+from datamodules.collators import MLMCollator, cut_mlm_batch
 from datamodules.tokenizer_training import BERT_SPECIAL_TOKENS, train_wordpiece_tokenizer
 
 __all__ = ["MLMDataModule"]
@@ -91,10 +91,16 @@ class MLMDataModule(PretrainingDataModule):
     def make_collator(self, fixed: bool) -> MLMCollator:
         return self._collator(len(self.tokenizer), fixed, self.collator_seed(fixed))
 
-    def synthetic_batch(self, batch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A batch of this run's shape with random tokens, masked as in training (for calibration); no corpus read."""
+    def synthetic_batch(self, batch_size: int | None = None, seed: int = 0, length: int | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """A batch of this run's shape with random tokens, masked as in training (for calibration), its sequences
+        cut to ``length`` tokens if given; no corpus read."""
         batch_size = batch_size or self.batch_size
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(len(BERT_SPECIAL_TOKENS), self.vocab_size, (batch_size, self.seq_len), generator=generator)
         examples = [{INPUT_IDS: row.numpy(), EXAMPLE_ID: i} for i, row in enumerate(ids)]
-        return self._collator(self.vocab_size, fixed=True, seed=seed)(examples)
+        batch = self._collator(self.vocab_size, fixed=True, seed=seed)(examples)
+        return batch if length is None else self.cut_batch(batch, length)
+
+    def cut_batch(self, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        return cut_mlm_batch(batch, length, self.seq_len)

@@ -11,10 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.batch import EXAMPLE_ID, INPUT_IDS
+from core.batch import EXAMPLE_ID, INPUT_IDS, LABELS
 from core.errors import UserError
 from datamodules.base import PretrainingDataModule
-from datamodules.collators import SpanCorruptionCollator, span_corruption_counts, span_corruption_lengths
+from datamodules.collators import (
+    SpanCorruptionCollator,
+    cut_span_corruption,
+    span_corruption_counts,
+    span_corruption_lengths,
+)
 from datamodules.tokenizer_training import T5_SENTINELS, T5_SPECIAL_TOKENS, train_unigram_tokenizer
 
 __all__ = ["SpanCorruptionDataModule"]
@@ -122,11 +127,21 @@ class SpanCorruptionDataModule(PretrainingDataModule):
     def make_collator(self, fixed: bool) -> SpanCorruptionCollator:
         return self._collator(self._sentinel_ids(self.tokenizer), fixed, self.collator_seed(fixed))
 
-    def synthetic_batch(self, batch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A batch of this run's shape with random tokens (for calibration); no corpus read."""
+    def synthetic_batch(self, batch_size: int | None = None, seed: int = 0, length: int | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """A batch of this run's shape with random tokens (for calibration), its inputs cut to ``length`` tokens
+        if given; no corpus read."""
         batch_size = batch_size or self.batch_size
         rng = np.random.default_rng(seed)
         sentinels = list(range(self.vocab_size - 1, self.vocab_size - 1 - T5_SENTINELS, -1))
         ids = rng.integers(len(T5_SPECIAL_TOKENS), self.vocab_size - T5_SENTINELS, (batch_size, self._raw_length))
         examples = [{INPUT_IDS: row, EXAMPLE_ID: i} for i, row in enumerate(ids)]
-        return self._collator(sentinels, fixed=True, seed=seed)(examples)
+        batch = self._collator(sentinels, fixed=True, seed=seed)(examples)
+        return batch if length is None else self._cut(batch, length, sentinels)
+
+    def cut_batch(self, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        return self._cut(batch, length, self._sentinel_ids(self.tokenizer))
+
+    def _cut(self, batch: dict[str, torch.Tensor], length: int, sentinels: list[int]) -> dict[str, torch.Tensor]:
+        inputs, targets = cut_span_corruption(batch[INPUT_IDS], batch[LABELS], length, sentinels, EOS_ID)
+        return {**batch, INPUT_IDS: inputs, LABELS: targets}

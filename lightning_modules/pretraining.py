@@ -1,11 +1,10 @@
 """What every pre-training LightningModule shares: optimizer, budget-progress schedule, work ledger.
 
-Optimizers with extra needs are served here: an ``EstimatesHessian`` (``SophiaG``) gets, every
-``hessian_interval`` steps, a Hessian estimate from labels sampled at the loss positions
-(``target_logits``) and the number of those labels (its ``bs``); ``MuonWithAdamW`` gets the hidden
-weight matrices as its own group; an optimizer with ``train()``/``eval()`` modes (schedule-free) is
-switched to ``eval`` for validation and for the weights a checkpoint stores. A check after backward can
-abandon an optimizer step (``skip_optimizer_step``, ``StepSkippingMixin``).
+Optimizers with extra needs are served here: an ``EstimatesHessian`` (``SophiaG``) gets, every ``hessian_interval``
+steps, a Hessian estimate from labels sampled at the loss positions (``target_logits``) and the number of those
+labels (its ``bs``); ``MuonWithAdamW`` gets the hidden weight matrices as its own group; an optimizer with
+``train()``/``eval()`` modes (schedule-free) is switched to ``eval`` for validation and for the weights a checkpoint
+stores. A check after backward can abandon an optimizer step (``skip_optimizer_step``, ``StepSkippingMixin``).
 
 Subclasses (``BertMLM``, ``T5SpanCorruption``) build a ``transformers`` model in ``__init__``, register
 its layer stacks with ``_init_layer_control`` and implement ``compute_loss`` (the training objective
@@ -127,8 +126,7 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
         """Vocabulary logits ``(M, V)`` at the M positions the training loss uses (BERT: the masked
         tokens; T5: the target tokens, never ignored ones), with gradient: Sophia samples labels there."""
 
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        """Tokens the model reads from ``batch`` (for throughput)."""
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:  # tokens the model reads from ``batch``
         return int(batch[INPUT_IDS].numel())
 
     @override
@@ -274,11 +272,15 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
         optimizer.update_hessian()
         optimizer.set_batch_positions(positions)
         optimizer.zero_grad(set_to_none=True)
-        if not optimizer.free_hessian:
-            for batch in batches:
-                self.work_ledger.charge_hessian(self.num_active_layers, int(batch[INPUT_IDS].shape[0]))
+        for batch in batches if not optimizer.free_hessian else []:
+            self.work_ledger.charge_hessian(self.num_active_layers, int(batch[INPUT_IDS].shape[0]), self.cut_length(batch))
 
     # ----- work ----------------------------------------------------------------------------------
+    def cut_length(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """``batch``'s tokens per sequence if cut shorter than the data's ``seq_len`` (priced per length), else None."""
+        full = getattr(getattr(self._trainer, "datamodule", None), "seq_len", 0)
+        return int(batch[INPUT_IDS].shape[1]) if batch[INPUT_IDS].shape[1] < (full or 0) else None
+
     def work_done(self, world_size: int) -> WorkLedger:
         """The whole run's work so far: before this fit (checkpoint) plus this fit on every process.
 
@@ -302,7 +304,7 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
         ):
             self._hessian_batches.append(batch)
         examples = int(batch[INPUT_IDS].shape[0])
-        self.work_ledger.charge_fwd_bwd(self.num_active_layers, examples)
+        self.work_ledger.charge_fwd_bwd(self.num_active_layers, examples, self.cut_length(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=examples)
         self._tokens_in_window += self.tokens_in(batch)
         return loss

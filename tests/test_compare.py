@@ -152,7 +152,7 @@ def test_the_shipped_studies_resolve_every_run():
         study = load_study(path)
         runs = study.tuning_runs() + [study.run(m, s, b, seed) for m in study.methods for s in m.settings()
                                       for b in study.budgets for seed in study.seeds]
-        assert {r.method for r in runs} >= {"baseline", "stacking"}
+        assert "baseline" in {r.method for r in runs} and len({r.method for r in runs}) >= 2, path
         for run in runs:
             config = resolved_config(study, run)
             assert config["seed_everything"] == run.seed

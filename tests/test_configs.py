@@ -42,7 +42,16 @@ def _quoted_plans(config: str) -> list[tuple[str | None, int, list[int] | None]]
 @pytest.mark.parametrize("config", CONFIGS)
 def test_step_counts_in_config_comments_are_what_plan_says(config, capsys):
     quoted = _quoted_plans(config)
-    uses_budget = "RSTBudget" in (ROOT / config).read_text() or any(base for base, _, _ in quoted)
+    text = (ROOT / config).read_text()
+    refused = re.search(r"^# python train.py fit --config (\S+) --config " + re.escape(config), text, re.M)
+    if re.search(r"plan on them is\s+(?:#\s*)?refused", text):  # the paper's tables cannot price it
+        assert refused and not quoted, config
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["plan", "--config", str(ROOT / refused.group(1)), "--config", str(ROOT / config)])
+        error = capsys.readouterr().err
+        assert stopped.value.code == 2 and "--update --" in error and error.count("error:") == 1, error
+        return
+    uses_budget = "callbacks.rst.RSTBudget" in text or any(base for base, _, _ in quoted)
     if not uses_budget:
         assert not quoted, f"{config} quotes a plan but configures no budget"
         return
