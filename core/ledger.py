@@ -151,6 +151,20 @@ class WorkLedger:
     def examples(self, kind: str = "fwd_bwd") -> float:
         return sum(a for k, _, a in self.entries() if k == kind)
 
+    def tokens_trained(self, tokens_per_sequence: float, seq_len: int) -> float:
+        """Corpus tokens the forward+backward passes trained on: each example's ``tokens_per_sequence``, a
+        sequence cut to ``n`` of its ``seq_len`` tokens (sequence-length warm-up) in proportion.
+
+        >>> WorkLedger({"fwd_bwd/2": 10, "fwd_bwd/2@32": 4}).tokens_trained(128, 128)
+        1408.0
+        """
+        total = 0.0
+        for kind, key, amount in self.entries():
+            if kind == "fwd_bwd":
+                length = split_depth_key(key)[1]
+                total += amount * tokens_per_sequence * (length / seq_len if length else 1.0)
+        return total
+
     def global_work(self, world_size: int) -> WorkLedger:
         """This rank's ledger as the work of the whole run: examples x ``world_size``, optimizer steps once."""
         return WorkLedger(

@@ -21,6 +21,7 @@ import torch
 from core.budget import saved_budget_state
 from core.checkpoints import data_state
 from core.class_paths import import_class
+from core.ledger import WorkLedger
 from core.errors import UserError
 
 __all__ = ["FAMILIES", "PretrainingCheckpoint", "export_checkpoint", "load_checkpoint"]
@@ -76,12 +77,13 @@ def _facts(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     ledger = checkpoint.get("work_ledger") or {}
     sequences = sum(float(v) for k, v in ledger.items() if k.startswith("fwd_bwd/"))
     per_sequence = (data_state(checkpoint) or {}).get("tokens_per_sequence")
+    seq_len = int(checkpoint.get("datamodule_hyper_parameters", {}).get("seq_len") or 1)  # cut passes: in proportion
     config_file = path.parent.parent / "config.yaml"  # LightningCLI writes it into the run's log directory
     return {
         "checkpoint": str(path),
         "global_step": int(checkpoint.get("global_step", 0)),
         "sequences_trained": int(sequences),
-        "tokens_trained": int(sequences * per_sequence) if per_sequence else None,
+        "tokens_trained": int(WorkLedger(ledger).tokens_trained(per_sequence, seq_len)) if per_sequence else None,
         "rst_spent_seconds": float(budget["spent_seconds"]) if "spent_seconds" in budget else None,
         "rst_budget_seconds": float(budget["budget_seconds"]) if "budget_seconds" in budget else None,
         "active_layers_at_save": list(checkpoint.get("active_layers") or []),

@@ -91,6 +91,8 @@ def test_plan_replays_the_lengths_and_the_run_charges_each_at_its_price(corpus_f
                                          "optimizer_step/AdamW": 24.0}
     lengths = [v for _, v in scalars(tmp_path / "bert-demo" / "version_0")["data/seq_len"]]
     assert lengths == [16.0] * 9 + [24.0] * 6 + [32.0] * 9
+    summary = json.loads((tmp_path / "bert-demo" / "version_0" / "summary.json").read_text())
+    assert summary["tokens"] == 9 * 16 * 16 + 6 * 16 * 24 + 9 * 16 * 32  # each pass at its own length
 
 
 def test_a_table_without_the_warm_ups_lengths_is_refused_in_one_line(corpus_file, tmp_path, capsys):
@@ -132,3 +134,11 @@ def test_t5_trains_on_cut_span_corruption_batches(corpus_file, tmp_path, capsys)
     assert lengths[0] == 16 and lengths[-1] == 32 and sorted(set(lengths)) == [16.0, 24.0, 32.0]
     losses = [v for _, v in curves["train/loss"]]
     assert all(loss == loss for loss in losses) and sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_the_summary_counts_the_tokens_a_cut_sequence_trained():
+    from core.ledger import WorkLedger
+
+    # 9 micro-batches of 16 at 16 of 32 tokens, 6 at 24, 9 at full length
+    ledger = WorkLedger({"fwd_bwd/2@16": 144, "fwd_bwd/2@24": 96, "fwd_bwd/2": 144, "optimizer_step/AdamW": 24})
+    assert ledger.tokens_trained(32, 32) == 144 * 16 + 96 * 24 + 144 * 32

@@ -27,7 +27,8 @@ class RunSummary:
         status: ``finished`` (the budget or ``max_steps`` ended it), ``preempted`` (SIGTERM: saved, to be resumed) or
             ``diverged`` (stopped on non-finite numbers: ``error`` says where).
         optimizer_steps: optimizer steps of the whole run (resumed parts included).
-        tokens: tokens trained on (forward+backward examples x tokens per sequence), the whole run.
+        tokens: tokens trained on (forward+backward examples x tokens per sequence, a sequence cut shorter by
+            sequence-length warm-up in proportion), the whole run.
         rst_seconds: Reference System Time spent (the run's ``BudgetClock``), ``None`` without one.
         train_loss: the training loss of the last optimizer step.
         val_loss: the final validation loss (``None`` when pre-empted or without validation data).
@@ -72,13 +73,13 @@ def summarize_fit(trainer, model, datamodule, train_loss: float | None, val_loss
 
     ``train_loss`` is read from ``trainer.callback_metrics`` before the final validation, which resets them.
     """
-    examples = model.work_done(trainer.world_size).examples("fwd_bwd")
+    work = model.work_done(trainer.world_size)
     clock = next((c for c in trainer.callbacks if isinstance(c, BudgetClock)), None)
     checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     return RunSummary(
         status=status,
         optimizer_steps=int(trainer.global_step),
-        tokens=int(examples * datamodule.tokens_per_sequence),
+        tokens=int(work.tokens_trained(datamodule.tokens_per_sequence, datamodule.seq_len)),
         rst_seconds=_float(clock.spent_seconds) if clock is not None else None,
         train_loss=_float(train_loss),
         val_loss=_float(val_loss),
