@@ -12,9 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from typing_extensions import override
 
 from benchmarks.contenders import Contender, StepClock, quiet
+from benchmarks.machine import synchronize
 from core.cost_table import CostTable
 
 
@@ -68,7 +71,8 @@ def end_to_end(fit_args: list[str], budget: str | None, workdir: Path, log: Call
         budget_callback.budget_seconds = parse_duration(budget)
     budget = budget or f"{budget_callback.budget_seconds:g}s"
     clock = StepClock(trainer.strategy.root_device)
-    trainer.callbacks.append(clock)
+    validation = ValidationClock(trainer.strategy.root_device)
+    trainer.callbacks.extend([clock, validation])
     profiler = SimpleProfiler()
     trainer.profiler = profiler
     log(f"  fit under a budget of {budget} RST priced by that table ...")
@@ -83,6 +87,7 @@ def end_to_end(fit_args: list[str], budget: str | None, workdir: Path, log: Call
     log("  calibrating again ...")
     with quiet():
         calibrate_config(fit_args, CalibrationSettings(output=str(after_path)))
+    breakdown = overhead_breakdown(profiler.recorded_durations, validation.seconds, steps, wall_per_step)
     work = model.work_done(trainer.world_size)
     before, after = (CostTable.load(path).seconds(work) / steps for path in (table_path, after_path))
     rst_per_step = (before + after) / 2
@@ -96,9 +101,49 @@ def end_to_end(fit_args: list[str], budget: str | None, workdir: Path, log: Call
         "fit_wall_seconds_per_step": wall_per_step,
         "fit_wall_vs_calibrated": wall_per_step / rst_per_step,
         "dataloader_wait_share": sum(waits[1:]) / sum(clock.times) if clock.times else None,
+        "wall_per_step_breakdown_ms": breakdown,
+        "fit_wall_vs_step": wall_per_step / (breakdown["training_step"] / 1e3),
         "fit_start_to_first_step_seconds": clock.first_step_at - start,
         "table_machine": json.loads(table_path.read_text()).get("machine"),
     }
+
+
+class ValidationClock(L.Callback):
+    """Wall seconds spent in validation during the fit (the device synchronised at both ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self._start = device, 0.0, 0.0
+
+    @override
+    def on_validation_start(self, trainer, pl_module) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer, pl_module) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+def overhead_breakdown(durations: dict[str, list[float]], validation_seconds: float, steps: int,
+                       wall_per_step: float) -> dict[str, float]:
+    """Where the fit's wall time per optimizer step goes, in milliseconds per step, from Lightning's
+    ``SimpleProfiler`` (steps 2 onwards, as the wall time per step): the training step itself (forward,
+    backward, the hooks inside the optimizer's closure, the optimizer step), waiting for the dataloader,
+    validation, checkpoint saves, the callbacks' and module's batch hooks outside the step (saves excluded),
+    and the rest (Lightning's loop, logging and the progress bar)."""
+    def total(key: str) -> float:
+        return sum(durations.get(key, [])[1:])
+
+    hooks = sum(sum(v[1:]) for k, v in durations.items()
+                if k.startswith(("[Callback]", "[LightningModule]")) and k.endswith((".on_train_batch_start",
+                                                                                    ".on_train_batch_end")))
+    saves = sum(durations.get("save_checkpoint", []))
+    parts = {"training_step": total("run_training_batch"), "dataloader_wait": total("[_TrainingEpochLoop].train_dataloader_next"),
+             "validation": validation_seconds, "checkpoint_saves": saves, "batch_hooks": max(0.0, hooks - saves)}
+    per_step = {name: 1e3 * seconds / max(steps - 1, 1) for name, seconds in parts.items()}
+    per_step["loop_logging_and_rest"] = 1e3 * wall_per_step - sum(per_step.values())
+    return per_step
 
 
 def data_preparation(fit_args: list[str], workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:

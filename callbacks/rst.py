@@ -4,7 +4,9 @@ No Train No Gain (Kaddour et al. 2023, arXiv:2307.06440, section 2): every piece
 is priced at what it costs on a reference machine (a cost table, ``core/cost_table.py``), and every
 schedule is a function of ``tau = RST spent / RST budget``. The arithmetic lives in
 ``core/budget.py``; this callback measures or prices this process's work, sums it over the processes
-once per optimizer step, logs it and stops every process at the same optimizer step. With batch
+once per optimizer step (in table mode without batch selection: this rank's times the number of ranks,
+with no collective and no read of the device), logs it on logging steps, hands the progress bar its
+numbers (``progress_bar_values``) and stops every process at the same optimizer step. With batch
 selection it also reports the share of the RST spent scoring candidates (``rst/selection_seconds``)
 next to the rest (``rst/training_seconds``). A method's own kind of work (an EMA update) is charged with
 ``charged_work``: to the ledger (priced by the table's ``work_seconds``) and, in wall mode, as measured time.
@@ -144,18 +146,34 @@ class RSTBudget(Callback, BudgetClock):
             self._wall_own_work += float(seconds)
 
     def sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Bring ``spent`` up to date on every rank (one all-reduce); idempotent within an optimizer step."""
+        """Bring ``spent`` up to date on every rank; idempotent within an optimizer step.
+
+        In table mode, when every rank does the same work (no batch selection, no own work counted per
+        example), the whole run's RST is this rank's times the number of ranks: host arithmetic, no
+        collective and no read of the device. Otherwise one all-reduce, read on the host (a synchronisation)."""
         if self._synced_step == trainer.global_step:
             return
         total, selection = self._local_seconds(pl_module)
-        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
-        value = torch.tensor([total - self._baseline, selection - self._selection_baseline], dtype=dtype,
-                             device=pl_module.device)
-        reduce_op = "max" if self.mode == "wall" else "sum"  # wall: ranks run in lockstep; table: all work counts
-        reduced = trainer.strategy.reduce(value, reduce_op=reduce_op).tolist()
+        total, selection = total - self._baseline, selection - self._selection_baseline
+        world_size = trainer.world_size
+        if self.mode == "table" and self._same_work_on_every_rank(pl_module):
+            reduced = [total * world_size, selection * world_size]
+        elif world_size == 1:
+            reduced = [total, selection]
+        else:
+            dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
+            value = torch.tensor([total, selection], dtype=dtype, device=pl_module.device)
+            reduce_op = "max" if self.mode == "wall" else "sum"  # wall: ranks run in lockstep; table: all work counts
+            reduced = trainer.strategy.reduce(value, reduce_op=reduce_op).tolist()
         self.account.record(reduced[0])
         self.selection_spent = self._selection_offset + reduced[1]
         self._synced_step = trainer.global_step
+
+    def _same_work_on_every_rank(self, pl_module: L.LightningModule) -> bool:
+        """Whether each rank's ledger is the same as every other's: no batch selection (ranks score different
+        numbers of candidates), no own work counted per example (``charge_work(per="examples")``)."""
+        ledger = pl_module.work_ledger
+        return self._selector(pl_module) is None and not any(name.endswith("/examples") for name in ledger.counts)
 
     # ----- hooks ----------------------------------------------------------------------------------
     @override
@@ -248,8 +266,11 @@ class RSTBudget(Callback, BudgetClock):
             sync_dist=False,
             rank_zero_only=False,
         )
-        for name, value in (("rst_spent", account.spent), ("rst_left", account.remaining())):  # progress bar, seconds
-            pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def progress_bar_values(self) -> dict[str, float]:
+        """RST spent and left (seconds) for the progress bar: host numbers, read at every step without a sync."""
+        account = self.account
+        return {"rst_spent": account.spent, "rst_left": account.remaining()}
 
     # ----- checkpoint -----------------------------------------------------------------------------
     @override

@@ -99,7 +99,7 @@ class BertMLM(PretrainingModule):
 
     # ----- optimizer defaults (paper section 3) ------------------------------------------------------
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        fused = fusable(groups) and not self.mixed_precision()  # Lightning cannot clip a fused step's scaled gradients
+        fused = fusable(groups) and not self.loss_scaling()  # fused: one kernel, and skips a step on the device
         return torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps, fused=fused)
 
     def default_weight_decay(self) -> float:

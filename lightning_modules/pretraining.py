@@ -28,12 +28,14 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from core.batch import INPUT_IDS
-from core.contracts import BudgetClock, DepthSchedule, EstimatesHessian, ModalOptimizer
+from core.contracts import BudgetClock, DepthSchedule, EstimatesHessian
 from core.errors import UserError
 from core.host_memory import retain_freed_memory
 from core.ledger import WorkLedger
 from core.seeds import run_seed
+from lightning_modules.gradient_clipping import GradientClippingMixin
 from lightning_modules.layer_control import LayerControlMixin
+from lightning_modules.modal_optimizer import ModalOptimizerMixin
 from lightning_modules.optimizers import MuonWithAdamW
 from lightning_modules.parameter_groups import muon_parameter_groups, parameter_groups
 from lightning_modules.schedules import LRSchedule, ScheduleName
@@ -42,7 +44,8 @@ from lightning_modules.step_skipping import StepSkippingMixin
 __all__ = ["PretrainingModule"]
 
 
-class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule, metaclass=ABCMeta):
+class PretrainingModule(LayerControlMixin, StepSkippingMixin, GradientClippingMixin, ModalOptimizerMixin, L.LightningModule,
+                        metaclass=ABCMeta):
     """Base class: optimizer from the CLI, LR schedule of budget progress, ledger charges, throughput.
 
     Args:
@@ -103,6 +106,7 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
         self._window_step = -1
         self._hessian_batches: list[dict[str, torch.Tensor]] = []  # micro-batches of a Hessian step
         self._hessian_seed = 0
+        self._shown_loss: float | None = None  # the loss of the last logging step, for the progress bar
 
     # ----- subclasses ---------------------------------------------------------------------------
     @abstractmethod
@@ -167,11 +171,12 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
             return min(1.0, trainer.global_step / trainer.max_steps)
         return 0.0
 
-    def mixed_precision(self) -> bool:
-        """Whether the trainer runs automatic mixed precision (``16-mixed``, ``bf16-mixed``)."""
+    def loss_scaling(self) -> bool:
+        """Whether the trainer scales the loss (``16-mixed``): Lightning unscales and clips the gradients itself,
+        which an optimizer that unscales inside its fused kernel does not allow."""
         trainer = self._trainer
         precision = str(trainer.precision) if trainer is not None else self._precision
-        return precision.endswith("-mixed")
+        return precision.startswith("16")
 
     def _has_budget(self) -> bool:
         return self.budget_clock() is not None or bool(self.trainer.max_steps and self.trainer.max_steps > 0)
@@ -305,7 +310,7 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
             self._hessian_batches.append(batch)
         examples = int(batch[INPUT_IDS].shape[0])
         self.work_ledger.charge_fwd_bwd(self.num_active_layers, examples, self.cut_length(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=examples)
+        self.log("train/loss", loss, batch_size=examples)  # not prog_bar: Lightning would read it at every step
         self._tokens_in_window += self.tokens_in(batch)
         return loss
 
@@ -316,8 +321,8 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log Sophia's win rate and tokens/s of the whole run, averaged over each logging interval (no device
-        synchronisation).
+        """On logging steps: log Sophia's win rate and tokens/s of the whole run, averaged over each logging
+        interval, and read the step's loss for the progress bar (the other steps read nothing from the device).
 
         Lightning's ``ThroughputMonitor`` synchronises the GPU after every micro-batch and counts time
         spent in validation; this measures training only, once per ``log_every_n_steps`` optimizer steps.
@@ -328,6 +333,9 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
         if step == self._window_step or step % max(trainer.log_every_n_steps, 1):
             return  # inside gradient accumulation, or not a logging step
         self._window_step = step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._shown_loss = float(loss)  # read on logging steps only; the progress bar shows it until the next
         if estimator is not None and estimator.win_rate is not None:
             self.log("optim/sophia_win_rate", estimator.win_rate, on_step=True, on_epoch=False)
         now = time.perf_counter()
@@ -336,38 +344,16 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, L.LightningModule,
             self.log("perf/tokens_per_second", tokens / (now - self._window_start), on_step=True, on_epoch=False)
         self._tokens_in_window, self._window_start = 0, now
 
+    def progress_bar_values(self) -> dict[str, float]:
+        """The progress bar's training loss: the last logging step's, a host number (no read of the device)."""
+        return {} if self._shown_loss is None else {"train/loss": self._shown_loss}
+
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, targets = self.compute_loss(batch)
         self.val_loss_mean.update(loss.detach(), weight=torch.as_tensor(targets, dtype=torch.float32, device=loss.device))
         self.log("val/loss", self.val_loss_mean, prog_bar=True, on_step=False, on_epoch=True)
         return loss
-
-    # ----- optimizers with train and eval modes (schedule-free) ----------------------------------
-    def _modal_optimizer(self) -> ModalOptimizer | None:
-        trainer = self._trainer
-        optimizers = trainer.optimizers if trainer is not None else []
-        return optimizers[0] if optimizers and isinstance(optimizers[0], ModalOptimizer) else None
-
-    @override
-    def on_validation_model_eval(self) -> None:
-        super().on_validation_model_eval()
-        optimizer = self._modal_optimizer()
-        if optimizer is not None:
-            optimizer.eval()  # evaluate the averaged weights
-
-    @override
-    def on_validation_model_train(self) -> None:
-        super().on_validation_model_train()
-        optimizer = self._modal_optimizer()
-        if optimizer is not None and self.trainer.state.fn == "fit":
-            optimizer.train()
-
-    @override
-    def on_train_start(self) -> None:
-        optimizer = self._modal_optimizer()
-        if optimizer is not None:
-            optimizer.train()  # a checkpoint holds eval-mode weights: back to the training iterate
 
     @override
     def on_validation_epoch_start(self) -> None:

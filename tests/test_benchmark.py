@@ -29,7 +29,7 @@ def test_the_benchmark_runs_at_a_tiny_shape_and_writes_every_field(corpus_file, 
     result = json.loads(output.read_text())
     assert set(result["ratios"]) == {
         "bert_fp32_vs_stock", "bert_bf16_vs_fp32", "bert_trainer_vs_hand", "bert_mfu_fp32",
-        "t5_fp32_vs_stock", "t5_trainer_vs_hand", "fit_wall_vs_calibrated",
+        "t5_fp32_vs_stock", "t5_trainer_vs_hand", "fit_wall_vs_calibrated", "fit_wall_vs_step",
     }
     for key, value in result["ratios"].items():
         if key == "bert_bf16_vs_fp32" and not result["machine"]["native_bf16"]:
@@ -49,6 +49,11 @@ def test_the_benchmark_runs_at_a_tiny_shape_and_writes_every_field(corpus_file, 
     fit = result["end_to_end"]
     assert fit["optimizer_steps"] > 1 and 0 <= fit["dataloader_wait_share"] < 1
     assert fit["fit_start_to_first_step_seconds"] > 0 and result["data"]["cold_cache_seconds"] > 0
+    parts = fit["wall_per_step_breakdown_ms"]  # where the wall time per step goes: the parts add up to it
+    assert set(parts) == {"training_step", "dataloader_wait", "validation", "checkpoint_saves", "batch_hooks",
+                          "loop_logging_and_rest"}
+    assert parts["training_step"] > 0 and all(v >= 0 for k, v in parts.items() if k != "loop_logging_and_rest")
+    assert sum(parts.values()) == pytest.approx(fit["fit_wall_seconds_per_step"] * 1e3)
     text = report.read_text()
     assert text.startswith("# Benchmarks") and "| `fit_wall_vs_calibrated` |" in text
 

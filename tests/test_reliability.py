@@ -297,18 +297,25 @@ def _with_probes(tmp_path: Path, *probes: dict) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["gradient", "loss"])
-def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(where, corpus_file,
-                                                                                           tmp_path, capsys):
+@pytest.mark.parametrize("decided", ["on the device", "on the host"])
+def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(where, decided,
+                                                                                           corpus_file, tmp_path, capsys):
+    """Both ways of dropping the step (callbacks/numerics.py): the default fused AdamW drops it on the device and
+    the host reads the verdict at the next logging step (15: the checkpoint of step 20 is never written);
+    an unfused AdamW is checked on the host at the step itself."""
     out = tmp_path / "runs"
     overlay = _with_probes(tmp_path, _probe("PoisonAt", step=13, where=where))
+    host = ["--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "5e-3", "--model.optimizer.foreach",
+            "true"] if decided == "on the host" else []
     with pytest.raises(SystemExit) as stopped:
-        cli.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "20"))
+        cli.main(tiny_fit_args(corpus_file, out, "--config", str(overlay), "--trainer.max_steps", "20", *host))
     assert stopped.value.code == 2
     last = out / "bert-demo" / "version_0" / "checkpoints" / "last.ckpt"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     value = "loss nan" if where == "loss" else "gradient norm inf"
     assert message.startswith("error: non-finite numbers at optimizer step 13: ") and value in message
     assert f"the last good checkpoint is {last}" in message and "action=skip" in message
+    assert ("read at step 15" in message) == (decided == "on the device")
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 10 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
@@ -394,6 +401,7 @@ def _skip_optimizers() -> dict:
         "adamw-foreach": lambda groups: torch.optim.AdamW(groups, lr=1e-3, foreach=True),
         "adamw-fused": lambda groups: torch.optim.AdamW(groups, lr=1e-3, fused=True),
         "adamw-scale": lambda groups: AdamWScale(groups, lr=1e-2),
+        "adamw-scale-foreach": lambda groups: AdamWScale(groups, lr=1e-2),  # the GPU path, forced below
         "schedule-free": lambda groups: ScheduleFreeAdamW(groups, lr=5e-3),
         "lion": lambda groups: Lion(groups, lr=1e-3),
         "sophia": lambda groups: SophiaG(groups, lr=2e-3, hessian_interval=2),  # step 2 would estimate
@@ -401,14 +409,22 @@ def _skip_optimizers() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamw-foreach", "adamw-fused", "adamw-scale", "schedule-free", "lion", "sophia"])
-def test_a_skipped_step_leaves_parameters_and_the_whole_optimizer_state_bit_identical(name, corpus_file, tmp_path):
+@pytest.mark.parametrize("name", ["adamw-foreach", "adamw-fused", "adamw-scale", "adamw-scale-foreach", "schedule-free",
+                                  "lion", "sophia"])
+def test_a_skipped_step_leaves_parameters_and_the_whole_optimizer_state_bit_identical(name, corpus_file, tmp_path,
+                                                                                       monkeypatch):
     """Guards NonFiniteCheck(action="skip")'s promise, for every optimizer the project ships: a skipped step
     changes no parameter and no optimizer state (step counts, moments, schedule-free AdamW's weight sum and
     step, Sophia's Hessian estimate and bs). Dropping the gradients alone let schedule-free AdamW count the
-    step and Sophia take that step's Hessian estimate; now the step is abandoned before the optimizer runs."""
-    from callbacks.numerics import NonFiniteCheck
+    step and Sophia take that step's Hessian estimate; now the step is abandoned before the optimizer runs,
+    on the host, or, for an optimizer that takes ``found_inf`` (fused AdamW, AdamWScale on both its paths),
+    by the optimizer itself on the device, which charges the step's optimizer work (its kernel ran)."""
+    from callbacks.numerics import NonFiniteCheck, skips_on_device
     from helpers import fit_tiny_bert
+    from lightning_modules.optimizers import AdamWScale
+
+    if name == "adamw-scale-foreach":
+        monkeypatch.setattr(AdamWScale, "_fusable", staticmethod(lambda params: False))
 
     probe, check = _PoisonAndSnapshot(step=2), NonFiniteCheck(action="skip")
     trainer, model, _ = fit_tiny_bert(tmp_path, corpus_file, _skip_optimizers()[name], lr_schedule="constant",
@@ -418,7 +434,10 @@ def test_a_skipped_step_leaves_parameters_and_the_whole_optimizer_state_bit_iden
     _assert_identical(probe.before[0], probe.after[0], "parameters")
     _assert_identical(probe.before[1], probe.after[1], "optimizer")
     assert probe.before[1]["state"]  # step 1 was taken: there was state to keep
-    assert sum(n for kind, n in model.work_ledger.counts.items() if kind.startswith("optimizer_step/")) == 2.0
+    on_device = skips_on_device(trainer.optimizers[0])
+    assert on_device == (name in ("adamw-fused", "adamw-scale", "adamw-scale-foreach"))
+    charged = sum(n for kind, n in model.work_ledger.counts.items() if kind.startswith("optimizer_step/"))
+    assert charged == (3.0 if on_device else 2.0)
     assert any(not torch.equal(a, p) for a, p in zip(probe.after[0], model.parameters(), strict=True))  # step 3 ran
 
 

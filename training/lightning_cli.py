@@ -3,7 +3,8 @@
 Every option of the model, the data module, the trainer and the callbacks is a typed ``__init__`` argument,
 overridable on the command line (``--model.num_layers 4``); ``--print_config`` prints the resolved
 configuration. The data module's vocabulary size and sequence length are linked into the model. A fit adds
-``NonFiniteCheck`` when the config has none, claims a fresh log version, resolves ``--ckpt_path last``, and
+``NonFiniteCheck`` when the config has none, shows Lightning's progress bar with host numbers
+(``callbacks.progress``: no read of the device per step), claims a fresh log version, resolves ``--ckpt_path last``, and
 ends with a validation of the final model, a one-line summary and ``summary.json`` (``training.summary``).
 
 ``configured`` builds trainer, model and data module from a config without running anything (``plan``,
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpointing import RunCheckpoint
 from callbacks.numerics import NonFiniteCheck, NonFiniteError
+from callbacks.progress import with_host_values
 from core.errors import UserError
 from training.command_line import apply_overrides, condense_parser_error, split_overrides
 from training.run_folder import claim_log_version, record_fingerprint, resolve_checkpoint
@@ -75,6 +77,7 @@ class PretrainingCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, NonFiniteCheck) for c in trainer.callbacks):
             trainer.callbacks.append(NonFiniteCheck())
+        with_host_values(trainer)  # Lightning's default bar shows host numbers: no read of the device per step
         return trainer
 
     def fit(self, model, datamodule=None, **kwargs) -> None:

@@ -28,8 +28,10 @@ class AdamWScale(_StepWithClosure):
         theta <- theta * (1 - lr * weight_decay)
 
     On a CPU each tensor is updated by PyTorch's fused AdamW kernel (with the rate and epsilon rescaled to
-    this update); elsewhere all tensors of a group with ``torch._foreach_*`` kernels. The RMS scales stay
-    on the device (no host synchronisation per tensor).
+    this update); elsewhere all tensors of a group with ``torch._foreach_*`` kernels, with the RMS scales,
+    step counts and bias corrections on the device: a step reads nothing on the host. A 0-d ``found_inf``
+    attribute of 1 (set by ``callbacks.numerics.NonFiniteCheck``) drops the whole update, leaving parameters
+    and state bit-identical, decided on the device.
 
     Args:
         params: parameters or parameter groups.
@@ -58,56 +60,91 @@ class AdamWScale(_StepWithClosure):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_scale=min_scale)
         super().__init__(params, defaults)
 
+    accepts_found_inf = True  # a 0-d ``found_inf`` of 1 drops the whole update (callbacks.numerics.skips_on_device)
+
     def update_parameters(self) -> None:
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._update_group(params, group)
+                self._update_group(params, group, found_inf)
 
-    def _update_group(self, params: list[torch.Tensor], group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        grads = [p.grad.float() for p in params]
+    def _update_group(self, params: list[torch.Tensor], group: dict, found_inf: torch.Tensor | None) -> None:
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
         states = [self.state[p] for p in params]
+        grads = [p.grad.float() for p in params]
+        norms = torch._foreach_norm([p.float() for p in params])
+        rms = torch._foreach_div(norms, [math.sqrt(p.numel()) for p in params])  # the sizes travel as kernel arguments
+        scales = torch.stack(rms).clamp_(min=group["min_scale"])  # max(min_scale, RMS(theta)), on the device
+        if self._fusable(params):
+            self._update_fused(params, grads, states, scales, group, found_inf)
+        else:
+            self._update_foreach(params, grads, states, scales, group, found_inf)
+
+    @staticmethod
+    def _update_fused(params, grads, states, scales, group: dict, found_inf: torch.Tensor | None) -> None:
+        """PyTorch's fused AdamW kernel, one tensor at a time, with the step count on the host (a CPU: reading
+        ``found_inf`` there waits for nothing). The kernel computes
+        lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps_t): with lr_t = lr x scale and
+        eps_t = eps / sqrt(1 - beta2^t) that is this update, in one pass per tensor."""
+        if found_inf is not None and bool(found_inf):
+            return
+        beta1, beta2 = group["betas"]
+        for p, grad, state, scale in zip(params, grads, states, scales.unbind(), strict=True):
+            state["step"] = step = int(state["step"]) + 1
+            torch._fused_adamw_(
+                [p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [torch.tensor(float(step))],
+                lr=scale * group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
+                eps=group["eps"] / math.sqrt(1.0 - beta2**step), amsgrad=False, maximize=False,
+            )
+        if group["weight_decay"] > 0.0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _update_foreach(params, grads, states, scales, group: dict, found_inf: torch.Tensor | None) -> None:
+        """``torch._foreach_*`` kernels over the group, with the step counts on the device, so nothing is read on
+        the host; a ``found_inf`` of 1 turns every factor into the identity (1, or 0 added): bit-identical."""
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        device = params[0].device
+        for state in states:  # a count saved by the fused path (an int) moves to the device once
+            if not isinstance(state["step"], torch.Tensor):
+                state["step"] = torch.tensor(float(state["step"])).to(device, non_blocking=True)
+        steps = [state["step"] for state in states]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        sizes = torch.tensor([math.sqrt(p.numel()) for p in params], device=params[0].device)
-        norms = torch.stack(torch._foreach_norm([p.float() for p in params]))
-        scales = (norms / sizes).clamp_(min=group["min_scale"])  # max(min_scale, RMS(theta)), on the device
-        if self._fusable(params):
-            # PyTorch's fused AdamW kernel computes lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps_t):
-            # with lr_t = lr x scale and eps_t = eps / sqrt(1 - beta2^t) that is this update, in one pass per tensor
-            for p, grad, exp_avg, exp_avg_sq, state, scale in zip(
-                params, grads, exp_avgs, exp_avg_sqs, states, scales.unbind(), strict=True
-            ):
-                step = state["step"]
-                torch._fused_adamw_(
-                    [p], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))],
-                    lr=scale * lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
-                    eps=eps / math.sqrt(1.0 - beta2**step), amsgrad=False, maximize=False,
-                )
-        else:
+        if found_inf is None:  # plain numbers: no tensor is made from the host
+            keep: torch.Tensor | float = 1.0
+            torch._foreach_add_(steps, 1.0)
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-            corrections = torch.tensor(  # -lr x bias correction, one per parameter
-                [-lr * math.sqrt(1.0 - beta2 ** s["step"]) / (1.0 - beta1 ** s["step"]) for s in states],
-                device=params[0].device,
-            )
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_add_(denominators, eps)
-            updates = torch._foreach_div(exp_avgs, denominators)
-            torch._foreach_mul_(updates, (scales * corrections).unbind())
-            if all(p.dtype == torch.float32 for p in params):
-                torch._foreach_add_(params, updates)
-            else:
-                torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
-        if group["weight_decay"] > 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        else:
+            dropped = found_inf.to(device).bool()
+            keep = (~dropped).float()
+            torch._foreach_add_(steps, [keep] * len(steps))  # elementwise (the Tensor overload reads it on a CPU)
+            grads = [torch.where(dropped, 0.0, g) for g in grads]  # a non-finite gradient must not reach the moments
+            moved = torch._foreach_sub(grads, exp_avgs)  # m += keep (1 - beta1) (g - m)
+            torch._foreach_mul_(moved, keep * (1.0 - beta1))
+            torch._foreach_add_(exp_avgs, moved)
+            squares = torch._foreach_mul(grads, grads)  # v = (1 - keep (1 - beta2)) v + keep (1 - beta2) g^2
+            torch._foreach_mul_(squares, keep * (1.0 - beta2))
+            torch._foreach_mul_(exp_avg_sqs, 1.0 - keep * (1.0 - beta2))
+            torch._foreach_add_(exp_avg_sqs, squares)
+        counts = torch.stack(steps).clamp(min=1.0)  # a first step dropped: no 0/0 (its update is multiplied by 0)
+        corrections = -lr * torch.sqrt(1.0 - beta2**counts) / (1.0 - beta1**counts)  # -lr x bias correction
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, denominators)
+        torch._foreach_mul_(updates, (scales * corrections * keep).unbind())
+        if all(p.dtype == torch.float32 for p in params):
+            torch._foreach_add_(params, updates)
+        else:
+            torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
+        if decay > 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * decay * keep)
