@@ -165,3 +165,27 @@ def test_adamwscale_given_found_inf_changes_nothing_and_given_zero_steps_as_with
     plain.step()
     for p, q in zip(params, reference, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_the_progress_bar_shows_host_numbers_from_the_module_and_the_callbacks(bar):
+    """``train.py`` swaps Lightning's bar (TQDM, or Rich where installed) for one that adds the module's and the
+    callbacks' ``progress_bar_values()``: plain numbers, so showing them reads nothing from the device."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from callbacks.progress import RichStepProgressBar, StepProgressBar, host_values, with_host_values
+
+    class Clock(L.Callback):
+        def progress_bar_values(self) -> dict[str, float]:
+            return {"rst_spent": 12.3456, "rst_left": 7.0}
+
+    class Module(L.LightningModule):
+        def progress_bar_values(self) -> dict[str, float]:
+            return {"train/loss": 5.91234}
+
+    given = TQDMProgressBar(refresh_rate=3) if bar == "tqdm" else RichProgressBar(refresh_rate=3)
+    trainer = L.Trainer(callbacks=[Clock(), given], logger=False, enable_checkpointing=False)
+    with_host_values(trainer)
+    shown = trainer.progress_bar_callback
+    assert type(shown) is (StepProgressBar if bar == "tqdm" else RichStepProgressBar) and shown.refresh_rate == 3
+    assert host_values(trainer, Module()) == {"train/loss": "5.912", "rst_spent": "12.35", "rst_left": "7"}
