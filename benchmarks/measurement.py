@@ -121,6 +121,8 @@ class ValidationClock(L.Callback):
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return  # before the first step: outside the timed window
         synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
 

@@ -32,7 +32,8 @@ never waits"):
   ``core.contracts.SkipsOptimizerSteps``, lightning_modules/step_skipping.py) before the optimizer updates
   anything; it is not charged an optimizer step.
 
-Every rank takes the same decision: the verdict is all-reduced (a collective, not a host read).
+Every rank takes the same decision: the verdict is all-reduced on the device (``torch.distributed.all_reduce``, which
+the host does not wait for; Lightning's ``strategy.reduce`` would put a barrier before it).
 ``train.py`` adds the callback with the default action to every ``fit`` that does not configure one.
 """
 
@@ -87,10 +88,13 @@ class NonFiniteCheck(Callback):
         self._unread: torch.Tensor | None = None
         self._first_unread: torch.Tensor | None = None
         self._trainer_for_settle: L.Trainer | None = None
+        self._settled_step = -1
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer_for_settle = trainer
+        self._unread = self._first_unread = None  # a fit starts with nothing unread, on its own device
+        self._settled_step = -1
         if self.action == "skip" and not isinstance(pl_module, SkipsOptimizerSteps):
             raise UserError(
                 f"NonFiniteCheck action=skip needs a module that can abandon an optimizer step (core.contracts."
@@ -102,6 +106,9 @@ class NonFiniteCheck(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step % max(trainer.log_every_n_steps, 1) and not trainer.should_stop:
             return  # the host looks at the device's verdicts on logging steps only
+        if trainer.global_step == self._settled_step:
+            return  # the other micro-batches of an accumulated step
+        self._settled_step = trainer.global_step
         self._settle(trainer)
         if self.action == "skip":
             pl_module.log("numerics/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
@@ -109,6 +116,17 @@ class NonFiniteCheck(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._settle(trainer)
+        self._release(trainer)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release(trainer)
+
+    @staticmethod
+    def _release(trainer: L.Trainer) -> None:
+        """Take the last verdict off the optimizers: a later ``step()`` outside this fit must not be dropped."""
+        for optimizer in trainer.optimizers:
+            optimizer.__dict__.pop("found_inf", None)
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -128,8 +146,10 @@ class NonFiniteCheck(Callback):
         loss_ok = self._loss if self._loss is not None else torch.ones((), dtype=torch.bool, device=norm.device)
         bad = ~(torch.isfinite(norm) & loss_ok.to(norm.device))
         self._loss = None
-        if trainer.world_size > 1:  # one decision for every rank
-            bad = trainer.strategy.reduce(bad.to(torch.float32), reduce_op="max") > 0
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            verdicts = bad.to(torch.float32)  # one decision for every rank: an all-reduce the host does not wait
+            torch.distributed.all_reduce(verdicts, op=torch.distributed.ReduceOp.MAX)  # for (no barrier before it)
+            bad = verdicts > 0
         step = trainer.global_step + 1  # the step being taken, counted from 1 as the logs do
         loss = self._loss_value if self._loss_value is not None else torch.full((), float("nan"), device=norm.device)
         if not scaled and skips_on_device(optimizer):

@@ -46,10 +46,11 @@ class RichStepProgressBar(RichProgressBar):
 
 
 def with_host_values(trainer: L.Trainer) -> None:
-    """Put the matching bar above in place of Lightning's default one (a bar the user configured stays)."""
+    """Put the matching bar above in place of Lightning's own TQDM or Rich bar, with its settings (a subclass of
+    either, or another bar, that the user configured stays)."""
     bar = trainer.progress_bar_callback
     if type(bar) is TQDMProgressBar:
-        replacement: ProgressBar = StepProgressBar(bar.refresh_rate, bar.process_position)
+        replacement: ProgressBar = StepProgressBar(bar.refresh_rate, bar.process_position, bar._leave)
     elif type(bar) is RichProgressBar:
         replacement = RichStepProgressBar(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs)
     else:

@@ -38,7 +38,7 @@ class GradientClippingMixin:
         value = self.trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val
         algorithm = GradClipAlgorithmType((gradient_clip_algorithm or self.trainer.gradient_clip_algorithm
                                            or "norm").lower())
-        if norm is not None and value and algorithm == GradClipAlgorithmType.NORM and unscaled:
+        if norm is not None and value is not None and value > 0 and algorithm == GradClipAlgorithmType.NORM and unscaled:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, value, norm)
             return

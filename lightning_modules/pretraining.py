@@ -171,12 +171,11 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, GradientClippingMi
             return min(1.0, trainer.global_step / trainer.max_steps)
         return 0.0
 
-    def loss_scaling(self) -> bool:
-        """Whether the trainer scales the loss (``16-mixed``): Lightning unscales and clips the gradients itself,
-        which an optimizer that unscales inside its fused kernel does not allow."""
+    def mixed_precision(self) -> bool:
+        """Whether the trainer runs automatic mixed precision (``16-mixed``, ``bf16-mixed``)."""
         trainer = self._trainer
         precision = str(trainer.precision) if trainer is not None else self._precision
-        return precision.startswith("16")
+        return precision.endswith("-mixed")
 
     def _has_budget(self) -> bool:
         return self.budget_clock() is not None or bool(self.trainer.max_steps and self.trainer.max_steps > 0)
@@ -211,7 +210,8 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, GradientClippingMi
 
     @override
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        """Bring the budget clock up to date (a collective, on every rank alike) before the schedule reads tau."""
+        """Bring the budget clock up to date (on every rank alike; a collective only where the ranks' work differs)
+        before the schedule reads tau."""
         clock = self.budget_clock()
         if clock is not None:
             clock.sync(self.trainer, self)
@@ -334,8 +334,8 @@ class PretrainingModule(LayerControlMixin, StepSkippingMixin, GradientClippingMi
             return  # inside gradient accumulation, or not a logging step
         self._window_step = step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._shown_loss = float(loss)  # read on logging steps only; the progress bar shows it until the next
+        if isinstance(loss, torch.Tensor):  # Lightning's closure divides it by the accumulation: undo that
+            self._shown_loss = float(loss) * trainer.accumulate_grad_batches  # read on logging steps only
         if estimator is not None and estimator.win_rate is not None:
             self.log("optim/sophia_win_rate", estimator.win_rate, on_step=True, on_epoch=False)
         now = time.perf_counter()

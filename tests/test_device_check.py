@@ -56,7 +56,12 @@ def test_the_dry_run_runs_every_part_and_reports_every_figure(tmp_path):
         assert all(seconds > 0 for seconds in table["optimizer_step_seconds"].values())
         syncs = result["host_syncs"][model]
         assert syncs["steps_counted"] > 0 and syncs["syncs_per_step"] >= 0
-    assert result["host_syncs"]["bert"]["syncs_per_step"] == 0  # the default step reads nothing (test_host_syncs.py)
+    # the baseline BERT runs bf16-mixed, where its default AdamW is unfused: NonFiniteCheck reads its verdict once
+    # per step on the host (docs/performance.md); torch's unfused AdamW reads its step counts, CPU tensors on a GPU too
+    bert = result["host_syncs"]["bert"]
+    sites = {w: n for w, n in bert["where"].items() if "torch/optim/" not in w}
+    assert [w.split(":")[0] for w in sites] == ["__bool__ at callbacks/numerics.py"]
+    assert list(sites.values()) == [bert["steps_counted"]]
     for name in ("bert_trainer_fp32", "bert_trainer_bf16", "t5_trainer_fp32"):
         assert result["throughput"]["contenders"][name]["mfu_of_bf16_peak"] > 0
     variants = result["compile"]

@@ -112,9 +112,10 @@ class AdamWScale(_StepWithClosure):
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
         device = params[0].device
-        for state in states:  # a count saved by the fused path (an int) moves to the device once
-            if not isinstance(state["step"], torch.Tensor):
-                state["step"] = torch.tensor(float(state["step"])).to(device, non_blocking=True)
+        for state in states:  # a count saved by the fused path (an int) or loaded to the CPU moves here once
+            step = state["step"]
+            if not isinstance(step, torch.Tensor) or step.device != device or step.dtype != torch.float32:
+                state["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(device)
         steps = [state["step"] for state in states]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
@@ -123,21 +124,18 @@ class AdamWScale(_StepWithClosure):
             torch._foreach_add_(steps, 1.0)
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        else:
+        else:  # the same factors, or the identity where the step is dropped (0 added, 1 multiplied): exact
             dropped = found_inf.to(device).bool()
             keep = (~dropped).float()
             torch._foreach_add_(steps, [keep] * len(steps))  # elementwise (the Tensor overload reads it on a CPU)
-            grads = [torch.where(dropped, 0.0, g) for g in grads]  # a non-finite gradient must not reach the moments
-            moved = torch._foreach_sub(grads, exp_avgs)  # m += keep (1 - beta1) (g - m)
-            torch._foreach_mul_(moved, keep * (1.0 - beta1))
-            torch._foreach_add_(exp_avgs, moved)
-            squares = torch._foreach_mul(grads, grads)  # v = (1 - keep (1 - beta2)) v + keep (1 - beta2) g^2
-            torch._foreach_mul_(squares, keep * (1.0 - beta2))
-            torch._foreach_mul_(exp_avg_sqs, 1.0 - keep * (1.0 - beta2))
-            torch._foreach_add_(exp_avg_sqs, squares)
-        counts = torch.stack(steps).clamp(min=1.0)  # a first step dropped: no 0/0 (its update is multiplied by 0)
-        corrections = -lr * torch.sqrt(1.0 - beta2**counts) / (1.0 - beta1**counts)  # -lr x bias correction
+            for g in grads:  # a non-finite gradient must not reach the moments; adds exactly 0 below
+                g.masked_fill_(dropped, 0.0)
+            torch._foreach_lerp_(exp_avgs, grads, [torch.where(dropped, 0.0, 1.0 - beta1)] * len(grads))
+            torch._foreach_mul_(exp_avg_sqs, torch.where(dropped, 1.0, beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        # -lr x bias correction per tensor, in float64 as the host computed it (a first step dropped: no 0/0)
+        counts = torch.stack(steps).to(torch.float32 if device.type == "mps" else torch.float64).clamp(min=1.0)
+        corrections = (-lr * torch.sqrt(1.0 - beta2**counts) / (1.0 - beta1**counts)).float()
         denominators = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denominators, eps)
         updates = torch._foreach_div(exp_avgs, denominators)
@@ -147,4 +145,5 @@ class AdamWScale(_StepWithClosure):
         else:
             torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
         if decay > 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * decay * keep)
+            factor = 1.0 - lr * decay
+            torch._foreach_mul_(params, factor if found_inf is None else torch.where(dropped, 1.0, factor))
