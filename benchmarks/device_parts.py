@@ -12,7 +12,6 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -39,7 +38,7 @@ from benchmarks.machine import device_name, matmul_peak, synchronize
 from benchmarks.measurement import run_rounds
 from benchmarks.report import ratios, summarize
 from benchmarks.throughput import set_up_machine
-from core.host_sync import HostReadCounter
+from core.host_sync import HostReadCounter, read_site
 
 
 # ----- part 1: cost tables -------------------------------------------------------------------------
@@ -172,16 +171,6 @@ def compile_check(check: Check) -> dict[str, Any]:
 
 
 # ----- part 4: host syncs --------------------------------------------------------------------------
-def project_line() -> str:
-    """``file:line`` of the innermost frame of this project's code (not the benchmarks, nor the read counter)."""
-    for frame in reversed(traceback.extract_stack()):
-        path = Path(frame.filename)
-        if (path.is_relative_to(ROOT) and "site-packages" not in path.parts and path.name != "host_sync.py"
-                and path.parts[len(ROOT.parts)] != "benchmarks"):
-            return f"{path.relative_to(ROOT)}:{frame.lineno}"
-    return "?"
-
-
 class SyncWindows(L.Callback):
     """Name each optimizer step's windows for ``counter`` (a ``HostReadCounter``) and count the sync warnings in
     them (``showwarning``, installed where warnings are caught): from the start to the end of each micro-batch
@@ -196,7 +185,7 @@ class SyncWindows(L.Callback):
                     file: Any = None, line: str | None = None) -> None:
         if self.counter.label is not None and SYNC_WARNING in str(message):
             self.syncs[self.counter.label] += 1
-            self.where[self.counter.label][project_line()] += 1
+            self.where[self.counter.label][read_site(exclude=("benchmarks/",))] += 1
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -22,11 +22,10 @@ which no budget charges.
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import time
 
 import lightning as L
 import torch
@@ -37,7 +36,7 @@ from callbacks.rst import charged_work
 from core.contracts import DoesOwnWork
 from core.errors import UserError
 
-__all__ = ["EMA", "LAWA", "EvaluationWeights", "ema_update", "uniform_average"]
+__all__ = ["EMA", "LAWA", "EvaluationWeights", "ema_update", "snapshot", "trainable_parameters", "uniform_average"]
 
 RAW_STATE_KEY = "raw_state_dict"
 
@@ -55,8 +54,14 @@ def uniform_average(snapshots: Sequence[Mapping[str, torch.Tensor]]) -> dict[str
     return {name: torch.stack([s[name] for s in snapshots]).mean(0) for name in snapshots[0]}
 
 
-def _parameters(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+def trainable_parameters(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The parameters an average follows, by name: those that train."""
     return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def snapshot(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached copy of ``weights``, name by name."""
+    return {name: value.detach().clone() for name, value in weights.items()}
 
 
 def _seconds_per_call(work, repeats: int = 5) -> float:
@@ -101,7 +106,7 @@ class EvaluationWeights(Callback):
         weights = self.evaluation_weights()
         if weights is None or self._raw is not None:
             return
-        parameters = _parameters(pl_module)
+        parameters = trainable_parameters(pl_module)
         self._raw = {name: parameters[name].detach().clone() for name in weights}
         with torch.no_grad():
             for name, value in weights.items():
@@ -110,7 +115,7 @@ class EvaluationWeights(Callback):
     def _swap_out(self, pl_module: L.LightningModule) -> None:
         if self._raw is None:
             return
-        parameters = _parameters(pl_module)
+        parameters = trainable_parameters(pl_module)
         with torch.no_grad():
             for name, value in self._raw.items():
                 parameters[name].copy_(value)
@@ -170,10 +175,10 @@ class EMA(EvaluationWeights, DoesOwnWork):
         if step == 0 or step == self._last_step or step % self.every:
             return  # before the first update, inside gradient accumulation, or between updates
         self._last_step = step
-        weights = _parameters(pl_module)
+        weights = trainable_parameters(pl_module)
         with charged_work(trainer, "ema_update"):
             if self.average is None:
-                self.average = {name: value.detach().clone() for name, value in weights.items()}
+                self.average = snapshot(weights)
             else:
                 ema_update(self.average, weights, self.decay)
 
@@ -184,8 +189,8 @@ class EMA(EvaluationWeights, DoesOwnWork):
         return {"ema_update": 1.0} if step % self.every == 0 else {}
 
     def measure_work(self, model: L.LightningModule) -> dict[str, float]:
-        weights = _parameters(model)
-        average = {name: value.detach().clone() for name, value in weights.items()}
+        weights = trainable_parameters(model)
+        average = snapshot(weights)
         return {"ema_update": _seconds_per_call(lambda: ema_update(average, weights, self.decay))}
 
     @override
@@ -224,7 +229,7 @@ class LAWA(EvaluationWeights, DoesOwnWork):
             return
         self._last_step = step
         with charged_work(trainer, "lawa_snapshot"):
-            self.snapshots.append({name: value.detach().clone() for name, value in _parameters(pl_module).items()})
+            self.snapshots.append(snapshot(trainable_parameters(pl_module)))
             del self.snapshots[: -self.k]
 
     def work_kinds(self) -> dict[str, str]:
@@ -234,8 +239,8 @@ class LAWA(EvaluationWeights, DoesOwnWork):
         return {"lawa_snapshot": 1.0} if step % self.interval == 0 else {}
 
     def measure_work(self, model: L.LightningModule) -> dict[str, float]:
-        weights = _parameters(model)
-        return {"lawa_snapshot": _seconds_per_call(lambda: {n: v.detach().clone() for n, v in weights.items()})}
+        weights = trainable_parameters(model)
+        return {"lawa_snapshot": _seconds_per_call(lambda: snapshot(weights))}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -33,16 +33,19 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HOST_READS", "HostReadCounter"]
+__all__ = ["HOST_READS", "HostReadCounter", "read_site"]
 
 HOST_READS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"})
 _ROOT = str(Path(__file__).resolve().parents[1])
 
 
-def _read_site() -> str:
+def read_site(exclude: tuple[str, ...] = ()) -> str:
     """``file:line`` of the innermost frame of this project's code that led to the read (not this module, not
-    an installed package), with the innermost installed package's frame after ``via`` when the read is in one."""
-    stack = [f for f in traceback.extract_stack() if not f.filename.endswith("host_sync.py")]
+    an installed package, not a file under the ``exclude`` prefixes relative to the project's root), with the
+    innermost installed package's frame after ``via`` when the read is in one."""
+    skipped = tuple(f"{_ROOT}/{prefix}" for prefix in exclude)
+    stack = [f for f in traceback.extract_stack()
+             if not f.filename.endswith("host_sync.py") and not f.filename.startswith(skipped)]
     installed = [f for f in stack if "site-packages" in f.filename or not f.filename.startswith(_ROOT)]
     own = [f for f in stack if f not in installed]
     site = f"{Path(own[-1].filename).relative_to(_ROOT)}:{own[-1].lineno}" if own else "?"
@@ -100,7 +103,7 @@ class HostReadCounter:
         if self.label is None:
             return
         self.counts[self.label] += 1
-        self.where[self.label][f"{read} at {_read_site()}"] += 1
+        self.where[self.label][f"{read} at {read_site()}"] += 1
 
     def __enter__(self) -> HostReadCounter:
         for mode in self._modes:

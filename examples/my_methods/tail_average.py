@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from callbacks.rst import charged_work
-from callbacks.weight_averaging import EvaluationWeights
+from callbacks.weight_averaging import EvaluationWeights, snapshot, trainable_parameters
 from core.contracts import DoesOwnWork
 
 
@@ -50,11 +50,11 @@ class TailAverage(EvaluationWeights, DoesOwnWork):
         if step == self._last_step or pl_module.budget_progress() < self.start:
             return  # inside gradient accumulation, or before the tail
         self._last_step = step
-        weights = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        weights = trainable_parameters(pl_module)
         with charged_work(trainer, "tail_average"):
             self.count += 1
             if self.mean is None:
-                self.mean = {name: value.detach().clone() for name, value in weights.items()}
+                self.mean = snapshot(weights)
             else:
                 running_mean(self.mean, weights, self.count)
 
@@ -68,8 +68,8 @@ class TailAverage(EvaluationWeights, DoesOwnWork):
     def measure_work(self, model: L.LightningModule) -> dict[str, float]:
         import time
 
-        weights = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        mean = {name: value.detach().clone() for name, value in weights.items()}
+        weights = trainable_parameters(model)
+        mean = snapshot(weights)
         running_mean(mean, weights, 2)  # warm-up
         start = time.perf_counter()
         for count in range(3, 8):
