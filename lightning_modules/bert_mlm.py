@@ -101,8 +101,9 @@ class BertMLM(PretrainingModule):
     def default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         # fused in 32-true: one kernel, and a non-finite step dropped on the device (callbacks/numerics.py). Under
         # mixed precision the step stays unfused: fp16 loss scaling cannot clip a fused step in Lightning, and under
-        # bf16 the published mini results were measured unfused (fused: seed 0 5.809 vs 5.577 unfused, seed 1 5.954 vs
-        # 6.071; the mini amplifies rounding as much as a new seed does: docs/performance.md)
+        # bf16 the published mini results were measured unfused (the first mini, fused: seed 0 5.809 vs 5.577 unfused,
+        # seed 1 5.954 vs 6.071; a run stopped mid-descent amplifies rounding as much as a new seed does:
+        # docs/performance.md)
         fused = fusable(groups) and not self.mixed_precision()
         return torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, eps=self.eps, fused=fused)
 

@@ -360,14 +360,14 @@ def test_the_mini_study_lists_the_runs_its_header_counts():
     from studies.study import load_study
 
     study = load_study(ROOT / "configs/studies/mini.yaml")
-    assert study.budgets == ("1000s",) and study.seeds == (0, 1, 2) and study.tune_seeds == (100,)
+    assert study.budgets == ("900s",) and study.seeds == (0, 1, 2) and study.tune_seeds == (100,)
     assert study.control == "random-init" and study.evaluate["seeds"] == [0, 1, 2]
     tuned = {m.name for m in study.methods if study.tuned_on_own_seeds(m)}
     assert tuned == {"baseline", "lion", "sophia", "muon", "soap", "schedule-free"}
     assert all(len(m.settings()) == 3 for m in study.methods if m.name in tuned)
     assert len(study.tuning_runs()) == 18 and {r.seed for r in study.tuning_runs()} == {100}
     assert len(study.test_runs({})) == 12  # the untuned methods, before any setting is chosen
-    chosen = {(m.name, "1000s"): m.settings()[1] for m in study.methods if m.name in tuned}
+    chosen = {(m.name, "900s"): m.settings()[1] for m in study.methods if m.name in tuned}
     runs = study.test_runs(chosen)
     assert len(runs) == 30 and {r.method for r in runs} == {m.name for m in study.methods} and len(study.methods) == 10
     prepare = study.method("rho-loss").prepare
