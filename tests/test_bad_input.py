@@ -19,7 +19,7 @@ def _assert_clean_cache(cache):
     [
         (["--data.seq_len", "0"], "data.seq_len=0 must be a positive number of tokens"),
         (["--data.vocab_size", "0"], "data.vocab_size=0 is too small"),
-        (["--data.corpus.source", "wikipedia"], "unknown data.corpus.source 'wikipedia': use one of news, news-tiny, files, hub"),
+        (["--data.corpus.source", "wikipedia"], "unknown data.corpus.source 'wikipedia': use one of news, news-plus, news-tiny, files, hub"),
         (["--data.corpus.data_files", "/nonexistent/corpus-*.txt"], "no file matches data.corpus.data_files='/nonexistent/corpus-*.txt'"),
     ],
 )

